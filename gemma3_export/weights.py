@@ -48,7 +48,8 @@ def load_strict(model: Gemma3ForCausalLM, state: dict[str, torch.Tensor], source
         if k in state and state[k].shape != s
     ]
     if shaped:
-        problems.append("mis-shaped " + "; ".join(shaped[:3]) + (" ..." if len(shaped) > 3 else ""))
+        more = f" and {len(shaped) - 3} more" if len(shaped) > 3 else ""
+        problems.append("mis-shaped " + "; ".join(shaped[:3]) + more)
     if problems:
         raise UserError(f"{source} does not match the config: {'; '.join(problems)}.")
     model.load_state_dict(state, strict=False, assign=True)
@@ -197,25 +198,31 @@ def config_from_gguf(reader, path: Path) -> Gemma3Config:
 
 def load_gguf_state(reader, path: Path) -> dict[str, torch.Tensor]:
     """Dequantize every text tensor to fp32 and undo llama.cpp's `1 + w` norm storage."""
-    from gguf.quants import dequantize
-
     state = {}
     for t in reader.tensors:
         name = gguf_to_hf_name(t.name)
         if name is None:
             raise UserError(f"{path} has a tensor {t.name!r} that Gemma 3's text decoder does not use.")
-        try:
-            data = dequantize(t.data, t.tensor_type)
-        except (NotImplementedError, ValueError) as e:
-            raise UserError(f"Cannot dequantize {t.name} ({t.tensor_type.name}) in {path}: {e}.") from None
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists ne0 (innermost) first
-        if data.size != int(np.prod(shape)):
-            raise UserError(f"{path} is truncated or damaged: {t.name} holds {data.size} values, not {np.prod(shape)}.")
-        tensor = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
+        tensor = torch.from_numpy(_dequantize(t, shape, path))
         if name.endswith("norm.weight"):
             tensor = tensor - 1.0
         state[name] = tensor
     return state
+
+
+def _dequantize(t, shape: tuple[int, ...], path: Path, rows: int = 8192) -> np.ndarray:
+    """fp32 values of a GGUF tensor, a block of rows at a time (bounded peak memory)."""
+    from gguf.quants import dequantize
+
+    data = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data[None]
+    out = np.empty((data.shape[0], int(np.prod(shape)) // max(data.shape[0], 1)), dtype=np.float32)
+    try:
+        for r in range(0, data.shape[0], rows):
+            out[r : r + rows] = dequantize(data[r : r + rows], t.tensor_type).reshape(out[r : r + rows].shape)
+    except (NotImplementedError, ValueError) as e:
+        raise UserError(f"{path} is truncated or damaged, or {t.name} ({t.tensor_type.name}) cannot be dequantized: {e}.") from None
+    return out.reshape(shape)
 
 
 def save_gguf(model: Gemma3ForCausalLM, path: Path, tokenizer_model: bytes | None = None) -> None:

@@ -1,0 +1,130 @@
+"""The command line: a thin shell where each command calls one library function with keyword
+arguments named like its flags. A mistake the user can make ends in one sentence and exit status 2.
+
+    gemma3-export --model 1b --target coreml [...]        export (the default command)
+    gemma3-export generate|chat|validate|perplexity|memory ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import PRESETS
+from .errors import UserError
+from .pipeline import TARGETS
+from .quant import SCHEMES
+
+COMMANDS = ("export", "generate", "chat", "validate", "perplexity", "memory")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UserError(f"{message[0].upper()}{message[1:]} (see {self.prog} --help).")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", choices=PRESETS, required=required, help="model size preset")
+    p.add_argument("--checkpoint", help="Hugging Face folder, .gguf file or hub id (default: see README)")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gemma3-export", description="Export Gemma 3 to ONNX, ExecuTorch and Core ML bundles.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("export", help="write one bundle folder (the default command)")
+    _add_source(p)
+    p.add_argument("--target", choices=TARGETS, required=True)
+    p.add_argument("--quant", choices=SCHEMES, help="quantization scheme (default per target)")
+    p.add_argument("--context", type=int, help="KV cache capacity in tokens (default 2048)")
+    p.add_argument("--chunk", type=int, help="largest prefill chunk (default 128, at most the window)")
+    p.add_argument("--out", help="bundle folder (default bundles/gemma3-MODEL-TARGET-QUANT)")
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check")
+
+    p = sub.add_parser("generate", help="stream a continuation of a prompt")
+    _add_source(p, required=False)
+    p.add_argument("--bundle", help="run an exported bundle instead of the eager model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context", type=int, help="eager model's cache size (default 2048)")
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("validate", help="parity report of a bundle against the eager model")
+    p.add_argument("bundle")
+
+    p = sub.add_parser("perplexity", help="teacher-forced perplexity and top-1 accuracy of a text")
+    _add_source(p, required=False)
+    p.add_argument("--bundle")
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument("--dump", help="save token ids and top-20 logits per position (.npz)")
+
+    p = sub.add_parser("memory", help="memory of bundles beside the report's Table 3")
+    p.add_argument("--bundle", action="append", default=[])
+    p.add_argument("--context", type=int, default=32768)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    kw = {k: v for k, v in vars(args).items() if k != "command"}
+    if args.command == "export":
+        from .pipeline import export
+
+        export(**kw, log=_log)
+    elif args.command == "generate":
+        from .chat import generate_text
+
+        generate_text(**kw, log=_log)
+    elif args.command == "chat":
+        from .chat import chat
+
+        chat(**kw, log=_log)
+    elif args.command == "validate":
+        from .validate import validate_bundle
+
+        return 0 if validate_bundle(kw["bundle"], log=_log)["passed"] else 1
+    elif args.command == "perplexity":
+        from .perplexity import perplexity
+
+        perplexity(**kw, log=_log)
+    elif args.command == "memory":
+        from .memory import memory_report
+
+        memory_report(bundles=kw["bundle"], context=kw["context"], log=_log)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "export")  # `gemma3-export --model 1b --target coreml`
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        return run(args)
+    except UserError as e:
+        print(f"gemma3-export: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gemma3-export: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The generation loop every runtime shares: chunked prefill, decode, sampling, stop tokens.
+
+A runner (eager here; onnxruntime, ExecuTorch and Core ML ones in `runtimes/`) implements `_step`:
+one call of the exported forward over tokens[1, T] at absolute position `pos`, returning the last
+token's logits. Everything else (chunk plans, the context limit, sampling, streaming) is here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+class Runner:
+    """Chunked prefill and decode over a cached forward; subclasses implement `_step` and `_reset`."""
+
+    max_context: int
+    chunk: int  # the largest prefill chunk the artifact takes
+
+    def __init__(self) -> None:
+        self.pos = 0
+
+    def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        """Run tokens int64[1, T] starting at `pos`; return float32 logits [vocab] of the last one."""
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the conversation: the next token goes to position 0."""
+        self._reset()
+        self.pos = 0
+
+    def chunk_plan(self, n: int) -> list[int]:
+        """Sizes of the forward calls that prefill n tokens: full chunks, then the rest."""
+        return [self.chunk] * (n // self.chunk) + ([n % self.chunk] if n % self.chunk else [])
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Feed `ids` after what is already in the cache; returns the last token's logits."""
+        if not ids:
+            raise UserError("The prompt is empty.")
+        self._check_room(len(ids))
+        tokens = np.asarray(ids, dtype=np.int64)[None]
+        start = 0
+        for size in self.chunk_plan(len(ids)):
+            logits = self._step(tokens[:, start : start + size], self.pos)
+            self.pos += size
+            start += size
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        self._check_room(1)
+        logits = self._step(np.asarray([[token]], dtype=np.int64), self.pos)
+        self.pos += 1
+        return logits
+
+    def _check_room(self, n: int) -> None:
+        if self.pos + n > self.max_context:
+            raise UserError(
+                f"{self.pos + n} tokens do not fit the context of {self.max_context}; "
+                "shorten the prompt or export with a larger --context."
+            )
+
+
+class EagerRunner(Runner):
+    """The PyTorch model with its static caches: the reference every artifact is compared with."""
+
+    def __init__(self, model: torch.nn.Module, max_context: int, chunk: int):
+        super().__init__()
+        if chunk > model.config.sliding_window:
+            raise UserError(f"The prefill chunk {chunk} is larger than the sliding window {model.config.sliding_window}.")
+        self.model, self.max_context, self.chunk = model.eval(), max_context, chunk
+        model.setup_caches(max_context)
+
+    @torch.no_grad()
+    def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        logits = self.model(torch.from_numpy(tokens), torch.tensor([pos]))
+        return logits[0].float().numpy()
+
+    def _reset(self) -> None:
+        self.model.reset_caches()
+
+
+@dataclass
+class Sampling:
+    """temperature 0 is greedy; otherwise sample from the top_k / top_p filtered distribution."""
+
+    temperature: float = 0.0
+    top_k: int = 64
+    top_p: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise UserError("Sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0.")
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        x = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / self.temperature
+        if self.top_k:
+            kth = torch.topk(x, min(self.top_k, x.numel())).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        probs = x.softmax(-1)
+        if self.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest set reaching top_p
+            probs[order[drop]] = 0
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=self._gen))
+
+
+def generate(
+    runner: Runner,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...] | list[int] = (1, 106),
+    sampling: Sampling | None = None,
+) -> Iterator[int]:
+    """Yield new token ids after the prompt until a stop id (not yielded) or `max_new_tokens`."""
+    sampling = sampling or Sampling()
+    logits = runner.prefill(prompt_ids)
+    for i in range(max_new_tokens):
+        token = sampling(logits)
+        if token in stop_ids:
+            return
+        yield token
+        if i + 1 == max_new_tokens or runner.pos >= runner.max_context:
+            return  # done, or the context is full
+        logits = runner.decode(token)

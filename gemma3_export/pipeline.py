@@ -1,0 +1,132 @@
+"""The export pipeline: load -> quantize -> export for the target -> bundle -> validate.
+
+Exporters and runtimes are registered by target name and imported lazily, so an ONNX user never pays
+for coremltools. Every exporter has the same signature:
+
+    export(model: Gemma3ForCausalLM, folder: Path, spec: ExportSpec, log) -> dict
+
+It writes its artifact into `folder` and returns the manifest fields it owns: `artifact` (a path
+relative to the folder), `inputs`, `outputs`, `cache_dtype`, `prefill_chunks` (the T values the
+artifact accepts), plus anything target-specific under `target_info`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .bundle import Bundle, cache_layout, read_bundle, staged, write_manifest
+from .config import preset
+from .errors import UserError
+from .quant import Scheme, check_scheme
+from .tokenizer import CHAT_TEMPLATE
+
+EXPORTERS = {
+    "onnx": "gemma3_export.exporters.onnx:export",
+    "executorch": "gemma3_export.exporters.executorch:export",
+    "coreml": "gemma3_export.exporters.coreml:export",
+}
+RUNTIMES = {
+    "eager": "gemma3_export.generate:EagerRunner",
+    "onnx": "gemma3_export.runtimes.onnx:OnnxRunner",
+    "executorch": "gemma3_export.runtimes.executorch:ExecuTorchRunner",
+    "coreml": "gemma3_export.runtimes.coreml:CoreMLRunner",
+}
+TARGETS = tuple(EXPORTERS)
+DEFAULT_CONTEXT = 2048
+DEFAULT_CHUNK = 128
+
+
+def _resolve(registry: dict[str, str], name: str) -> Callable:
+    if name not in registry:
+        raise UserError(f"Unknown target {name!r}; choose one of {', '.join(registry)}.")
+    module, attr = registry[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What every exporter needs besides the model: cache size, prefill chunk, quantization."""
+
+    context: int
+    chunk: int
+    scheme: Scheme
+
+
+def make_spec(model: str, target: str, quant: str | None, context: int | None, chunk: int | None) -> ExportSpec:
+    """Check the request against the preset and the target's table before any work starts."""
+    if target not in EXPORTERS:
+        raise UserError(f"Unknown target {target!r}; choose one of {', '.join(EXPORTERS)}.")
+    config = preset(model)
+    scheme = check_scheme(target, quant)
+    context = context or min(DEFAULT_CONTEXT, config.max_position_embeddings)
+    chunk = chunk or min(DEFAULT_CHUNK, config.sliding_window, context)
+    if not 1 <= context <= config.max_position_embeddings:
+        raise UserError(f"--context must be between 1 and {config.max_position_embeddings} for {model}.")
+    if not 1 <= chunk <= min(config.sliding_window, context):
+        raise UserError(
+            f"--chunk must be between 1 and {min(config.sliding_window, context)} "
+            f"(the sliding window {config.sliding_window} and the context {context})."
+        )
+    return ExportSpec(context=context, chunk=chunk, scheme=scheme)
+
+
+def export(
+    model: str,
+    target: str,
+    checkpoint: str | None = None,
+    random_weights: bool = False,
+    quant: str | None = None,
+    context: int | None = None,
+    chunk: int | None = None,
+    out: str | Path | None = None,
+    validate: bool = True,
+    log=print,
+) -> Path:
+    """Write one bundle folder for `target` and return its path."""
+    from .load import load_model
+
+    spec = make_spec(model, target, quant, context, chunk)
+    exporter = _resolve(EXPORTERS, target)
+    out = Path(out or f"bundles/gemma3-{model}-{target}-{spec.scheme.name}")
+    loaded = load_model(model, checkpoint=checkpoint, random_weights=random_weights, log=log)
+    config = loaded.model.config
+    with staged(out) as folder:
+        log(f"exporting {model} to {target} ({spec.scheme.name}, context {spec.context}, chunk {spec.chunk})")
+        info = exporter(loaded.model, folder, spec, log)
+        loaded.tokenizer.save(folder / "tokenizer.model")
+        write_manifest(folder, {
+            "target": target,
+            "model": model,
+            "weights": loaded.source,
+            # how to rebuild the float model this bundle is validated against
+            "source": {
+                "model": model,
+                "checkpoint": str(Path(checkpoint).resolve()) if checkpoint and Path(checkpoint).exists() else checkpoint,
+                "random_weights": random_weights,
+            },
+            "config": config.to_hf(),
+            "max_context": spec.context,
+            "prefill_chunk": spec.chunk,
+            "quant": asdict(spec.scheme),
+            "cache": cache_layout(config, spec.context, info.get("cache_dtype", "float32")),
+            "tokenizer": "tokenizer.model",
+            "bos_id": loaded.tokenizer.bos_id,
+            "stop_ids": list(loaded.tokenizer.stop_ids),
+            "chat_template": CHAT_TEMPLATE,
+            **info,
+        })
+    log(f"wrote {out}")
+    if validate:
+        from .validate import validate_bundle
+
+        validate_bundle(out, log=log)
+    return out
+
+
+def open_runner(bundle: str | Path | Bundle):
+    """A Runner over the bundle's artifact, in the runtime its manifest names."""
+    b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    return _resolve(RUNTIMES, b.target).from_bundle(b)

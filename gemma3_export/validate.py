@@ -1,0 +1,163 @@
+"""`validate`: run a bundle's artifact in its own runtime beside the eager model and report how far
+apart they are, per band of positions across the sliding window (rung 3 and 4 of the ladder).
+
+Both runners see the same tokens: the bundled validation text, cycled to cross the window at least
+three times, fed as the artifact's prefill chunks and then one token at a time (teacher-forced), so
+prefill, decode, ring wrap-around and chunk boundaries are all compared.
+
+Two comparisons per bundle:
+- `vs_reference`: against the eager model with the same quantization where the target's exporter can
+  simulate it (`simulate(model, scheme)`), else against the float model. Thresholds apply here.
+- `vs_float`: against the float model: what the quantization costs (reported, not judged).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import torch
+
+from .bundle import Bundle, read_bundle
+from .generate import EagerRunner, Runner
+
+# Per scheme: (max abs logit diff, min top-1 agreement, max mean KL) against the reference.
+THRESHOLDS = {
+    "fp32": (1e-3, 0.99, 1e-5),
+    "fp16": (0.25, 0.95, 5e-3),
+}
+DEFAULT_THRESHOLD = (None, 0.90, 0.05)  # quantized: the reference simulates the same grid
+
+
+def validation_ids(tokenizer, length: int) -> list[int]:
+    """The bundled validation text as ids, cycled to `length` (BOS first)."""
+    text = resources.files("gemma3_export").joinpath("data/validation.txt").read_text()
+    body = tokenizer.encode(text, bos=False)
+    ids = [tokenizer.bos_id]
+    while len(ids) < length:
+        ids += body
+    return [i % tokenizer.vocab_size if i >= tokenizer.vocab_size else i for i in ids[:length]]
+
+
+def collect_logits(runner: Runner, ids: list[int], prefill: int) -> tuple[np.ndarray, np.ndarray]:
+    """Last-token logits after each prefill chunk of the first `prefill` ids, then after every decode
+    step of the rest; returns (positions [N], logits [N, vocab])."""
+    runner.reset()
+    positions, logits = [], []
+    for size in runner.chunk_plan(prefill):
+        logits.append(runner.prefill(ids[runner.pos : runner.pos + size]))
+        positions.append(runner.pos - 1)
+    for token in ids[prefill:]:
+        logits.append(runner.decode(token))
+        positions.append(runner.pos - 1)
+    return np.asarray(positions), np.stack(logits)
+
+
+@dataclass
+class Band:
+    start: int
+    stop: int
+    max_abs: float
+    mean_abs: float
+    top1: float
+    kl: float
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def compare(positions: np.ndarray, ref: np.ndarray, got: np.ndarray, window: int) -> list[Band]:
+    """Max/mean abs diff, top-1 agreement and KL(ref || got), per window-sized band of positions."""
+    ref_t, got_t = torch.from_numpy(ref).double(), torch.from_numpy(got).double()
+    kl = (ref_t.softmax(-1) * (ref_t.log_softmax(-1) - got_t.log_softmax(-1))).sum(-1).numpy()
+    diff = np.abs(ref.astype(np.float64) - got)
+    top1 = ref.argmax(-1) == got.argmax(-1)
+    bands = []
+    for start in range(0, int(positions.max()) + 1, window):
+        sel = (positions >= start) & (positions < start + window)
+        if sel.any():
+            bands.append(Band(start, start + window, float(diff[sel].max()), float(diff[sel].mean()),
+                              float(top1[sel].mean()), float(kl[sel].mean())))
+    return bands
+
+
+def summarize(bands: list[Band]) -> dict:
+    return {
+        "max_abs": max(b.max_abs for b in bands),
+        "mean_abs": float(np.mean([b.mean_abs for b in bands])),
+        "top1": min(b.top1 for b in bands),
+        "kl": max(b.kl for b in bands),
+        "bands": [b.as_dict() for b in bands],
+    }
+
+
+def judge(summary: dict, scheme: str) -> list[str]:
+    """The thresholds a summary breaks, in words (empty: passed)."""
+    max_abs, top1, kl = THRESHOLDS.get(scheme, DEFAULT_THRESHOLD)
+    failures = []
+    if max_abs is not None and summary["max_abs"] > max_abs:
+        failures.append(f"max abs logit diff {summary['max_abs']:.3g} > {max_abs}")
+    if summary["top1"] < top1:
+        failures.append(f"top-1 agreement {summary['top1']:.3f} < {top1}")
+    if summary["kl"] > kl:
+        failures.append(f"KL {summary['kl']:.3g} > {kl}")
+    return failures
+
+
+def reference_model(model: torch.nn.Module, bundle: Bundle) -> tuple[torch.nn.Module, str]:
+    """The eager model with the bundle's quantization, if its exporter can simulate it."""
+    scheme = bundle.manifest["quant"]["name"]
+    if scheme in ("fp32",):
+        return model, "float"
+    exporter = importlib.import_module(f"gemma3_export.exporters.{bundle.target}")
+    simulate = getattr(exporter, "simulate", None)
+    if simulate is None:
+        return model, "float"
+    return simulate(model, scheme), f"eager {scheme}"
+
+
+def validate_bundle(bundle, length: int | None = None, log=print) -> dict:
+    """Compare the bundle with the eager model; write the summary into its manifest and return it."""
+    import copy
+
+    from .load import load_model
+    from .pipeline import open_runner
+    from .tokenizer import Tokenizer
+
+    b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify=True)
+    config = b.config
+    window = config.sliding_window
+    length = min(length or 3 * window + 2 * b.manifest["prefill_chunk"] + 5, b.manifest["max_context"])
+    prefill = min(2 * b.manifest["prefill_chunk"] + 3, length)
+    ids = validation_ids(Tokenizer(b.tokenizer_path), length)
+    float_model = load_model(**b.manifest["source"], log=lambda *_: None).model
+    reference, ref_kind = reference_model(copy.deepcopy(float_model), b)
+    log(f"validating {b.path} ({b.target}, {b.manifest['quant']['name']}) over {length} positions")
+    artifact = open_runner(b)
+    positions, got = collect_logits(artifact, ids, prefill)
+    chunk, ctx = b.manifest["prefill_chunk"], b.manifest["max_context"]
+    _, ref = collect_logits(EagerRunner(reference, ctx, chunk), ids, prefill)
+    vs_reference = summarize(compare(positions, ref, got, window))
+    if reference is float_model:
+        vs_float = vs_reference
+    else:
+        _, flt = collect_logits(EagerRunner(float_model, ctx, chunk), ids, prefill)
+        vs_float = summarize(compare(positions, flt, got, window))
+    failures = judge(vs_reference, b.manifest["quant"]["name"])
+    summary = {
+        "passed": not failures,
+        "failures": failures,
+        "reference": ref_kind,
+        "positions": length,
+        "runtime": getattr(artifact, "runtime_note", b.target),
+        "vs_reference": vs_reference,
+        "vs_float": vs_float,
+    }
+    b.update_manifest(validation=summary)
+    for name, s in (("vs " + ref_kind, vs_reference), ("vs float", vs_float)):
+        log(f"  {name}: max abs {s['max_abs']:.3g}, mean abs {s['mean_abs']:.3g}, "
+            f"top-1 {s['top1']:.3f}, KL {s['kl']:.3g}")
+    log("  passed" if not failures else "  FAILED: " + "; ".join(failures))
+    return summary
