@@ -80,11 +80,51 @@ def generate_text(
     return new
 
 
+class Conversation:
+    """A multi-turn chat over one runner whose cache carries the history: each turn prefills only the
+    tokens that are new since the last one (closing the model's turn, then the user's message)."""
+
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, system: str | None = None):
+        self.runner, self.tokenizer, self.system = runner, tokenizer, system
+        self.fed: list[int] = []  # every token the cache holds, in order
+        self.pending: int | None = None  # the last reply token: sampled, not yet fed
+
+    def reset(self) -> None:
+        self.runner.reset()
+        self.fed, self.pending = [], None
+
+    def next_ids(self, text: str) -> list[int]:
+        """What the cache still needs before the model answers `text`."""
+        tok = self.tokenizer
+        if not self.fed:
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": text}]
+            return encode_chat(tok, messages)
+        close = ([self.pending] if self.pending is not None else []) + [tok.id_of("<end_of_turn>")] + tok.encode("\n", bos=False)
+        return close + encode_chat(tok, [{"role": "user", "content": text}])[1:]  # no second <bos>
+
+    def say(self, text: str, max_new_tokens: int, sampling: Sampling, out=None) -> tuple[list[int], float]:
+        """Stream the model's answer to `text`; returns its ids and decode tokens/s."""
+        ids = self.next_ids(text)
+        if self.runner.pos + len(ids) + max_new_tokens > self.runner.max_context and self.fed:
+            raise UserError("The conversation no longer fits the context; type /reset to start over.")
+        if self.runner.pos != len(self.fed):
+            raise RuntimeError("the runner was used outside this conversation")
+        new, rate = stream(self.runner, self.tokenizer, ids, max_new_tokens, sampling, out)
+        # A reply cut by max_new_tokens leaves its last token unfed; one ended by a stop id does not.
+        self.fed += ids
+        decoded = self.runner.pos - len(self.fed)
+        self.fed += new[:decoded]
+        self.pending = new[decoded] if decoded < len(new) else None
+        return new, rate
+
+
 def chat(bundle: str, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0, log=print) -> None:
     """Interactive multi-turn chat; an empty line or end of input quits, /reset starts over."""
+    import psutil
+
     runner, tokenizer = open_source(bundle=bundle, log=log)
+    conversation = Conversation(runner, tokenizer)
     sampling = Sampling(temperature=temperature, seed=seed)
-    messages: list[dict] = []
     log("type a message; /reset starts over, an empty line quits")
     while True:
         try:
@@ -94,12 +134,8 @@ def chat(bundle: str, max_new_tokens: int = 256, temperature: float = 0.0, seed:
         if not text:
             return
         if text == "/reset":
-            messages.clear()
-            runner.reset()
+            conversation.reset()
             continue
-        messages.append({"role": "user", "content": text})
-        ids = encode_chat(tokenizer, messages)
-        runner.reset()  # re-prefill the whole conversation: simple and exact
-        new, rate = stream(runner, tokenizer, ids, max_new_tokens, sampling)
-        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
-        log(f"[{len(new)} tokens, {rate:.1f} tokens/s, context {runner.pos}/{runner.max_context}]")
+        new, rate = conversation.say(text, max_new_tokens, sampling)
+        rss = psutil.Process().memory_info().rss / 2**20
+        log(f"[{len(new)} tokens, {rate:.1f} tokens/s, context {runner.pos}/{runner.max_context}, RSS {rss:.0f} MiB]")
