@@ -1,0 +1,515 @@
+"""ONNX exporter: the cached forward with its KV cache as explicit graph inputs and outputs.
+
+The graph (names in the manifest's `inputs` / `outputs`):
+    tokens int64[1, T] (T = 1..chunk), input_pos int64[1], k_cache_{i}, v_cache_{i}
+    -> logits float32[1, vocab], k_cache_out_{i}, v_cache_out_{i}
+Every cache has a static shape: [1, n_kv, max_context, head_dim] on global layers, a ring of
+`sliding_window` slots on local ones. The model's caches are swapped for `BoundaryCache`, which runs
+the same `update` over tensors that come in as graph inputs and writes out of place, so the updated
+cache is a graph output; the runner (runtimes/onnx.py) binds outputs to preallocated buffers.
+
+Schemes (quant.py):
+- fp32: float graph; the tied LM head is a `Gemm(transB=1)` on the embedding's own initializer.
+- fp16: fp16 weights and matmuls, fp32 norms, residual stream, softmax and mask; fp16 cache. Linear
+  inputs are clamped to the fp16 range (Gemma's activations pass 65,504, GEMMA3.md).
+- int8 / int4 / int4b32: onnxruntime.quantization's MatMulNBits (symmetric; per channel = one block
+  spanning K). The head is exported as a separate pre-transposed MatMul so the quantizer sees a
+  constant weight (STACK.md); the embedding then gathers from that same packed table through
+  GatherBlockQuantized: the tied weight is stored once, quantized.
+- fp8: float8e4m3fn initializers with per-output-channel scales through DequantizeLinear; the
+  embedding gathers columns of the head's fp8 table.
+`simulate(model, scheme)` gives the eager model on exactly the artifact's grid, for validate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+OPSET = 21
+ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to an external data file (protobuf stops at 2 GB)
+NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32)}  # bits, block (None: per channel)
+FP16_MAX = 65504.0
+FP8_MAX = 448.0  # float8 e4m3fn
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, in order."""
+    caches = [f"{kv}_cache_{i}" for i in range(n_layers) for kv in "kv"]
+    outs = [f"{kv}_cache_out_{i}" for i in range(n_layers) for kv in "kv"]
+    return ["tokens", "input_pos", *caches], ["logits", *outs]
+
+
+# -- the exported module ---------------------------------------------------------------------------
+
+
+class BoundaryCache(nn.Module):
+    """Stands in for a KVCache / RingKVCache at export: the same `update`, over cache tensors that are
+    graph inputs (plain attributes, not buffers), written out of place (ScatterElements) so the updated
+    cache is a graph output.
+
+    The runner binds each cache output to its input's buffer, and onnxruntime's ScatterElements skips
+    its copy when they coincide: the write happens in place. That is safe only if nothing reads the
+    input after the write. A global layer reads the written cache (the write comes first by data
+    dependency). A ring layer reads the ring as it was before the chunk, so its write takes the old
+    ring from the attended copy (`keys[:, :, :W]`), which orders it after the read.
+    """
+
+    def __init__(self, cache, dtype: torch.dtype):
+        super().__init__()
+        self._update = type(cache).update
+        self.slots, self.window, self.dtype = cache.slots, cache.window, dtype
+        self.k = self.v = self.k_out = self.v_out = None
+        self._pending: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        keys, values, key_pos = self._update(self, input_pos, k.to(self.dtype), v.to(self.dtype))
+        if self.window is not None:  # ring: write after the read (see the class docstring)
+            slots, k_new, v_new = self._pending
+            self.k_out = _scatter(keys[:, :, : self.slots], slots, k_new)
+            self.v_out = _scatter(values[:, :, : self.slots], slots, v_new)
+        return keys.to(k.dtype), values.to(v.dtype), key_pos
+
+    def _write(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self._pending = (slots, k, v)
+        if self.window is None:  # global: attention reads the written cache
+            self.k_out, self.v_out = _scatter(self.k, slots, k), _scatter(self.v, slots, v)
+        return self.k_out, self.v_out
+
+
+def _scatter(cache: Tensor, slots: Tensor, new: Tensor) -> Tensor:
+    """cache [1, H, S, D] with new [1, H, T, D] at `slots` [T], out of place."""
+    return cache.scatter(2, slots.view(1, 1, -1, 1).expand(new.shape), new)
+
+
+class OnnxStep(nn.Module):
+    """forward(tokens, input_pos, caches) -> (logits [1, V], *updated caches)."""
+
+    def __init__(self, model: nn.Module, separate_head: bool):
+        super().__init__()
+        self.text = model.model
+        self.lm_head = model.lm_head
+        # A separate [H, V] copy gives MatMulNBits a constant weight; the tied Gemm does not.
+        self.head_t = nn.Parameter(model.lm_head.weight.detach().t().contiguous(), requires_grad=False) if separate_head else None
+        self.caches = [layer.self_attn.cache for layer in model.model.layers]
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, caches: list[Tensor]) -> tuple[Tensor, ...]:
+        for i, cache in enumerate(self.caches):
+            cache.k, cache.v = caches[2 * i], caches[2 * i + 1]
+        h = self.text(tokens, input_pos)[:, -1]  # [1, H]
+        logits = h @ self.head_t if self.head_t is not None else self.lm_head(h)
+        return (logits.float(), *[t for c in self.caches for t in (c.k_out, c.v_out)])
+
+
+@contextlib.contextmanager
+def boundary_caches(model: nn.Module, context: int, dtype: torch.dtype) -> Iterator[None]:
+    """Give the model BoundaryCaches for the export, and its own caches back afterwards."""
+    layers = model.model.layers
+    saved = [layer.self_attn.cache for layer in layers]
+    model.setup_caches(context)
+    templates = [layer.self_attn.cache for layer in layers]
+    for layer, cache in zip(layers, templates):
+        layer.self_attn.cache = BoundaryCache(cache, dtype)
+    try:
+        yield
+    finally:
+        for layer, cache in zip(layers, saved):
+            layer.self_attn.cache = cache
+
+
+# -- fp16 --------------------------------------------------------------------------------------
+
+
+class HalfLinear(nn.Module):
+    """fp16 weight and matmul; fp32 in and out, so norms and the residual stream stay fp32."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight  # fp16, possibly shared with HalfEmbedding (tied head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.clamp(-FP16_MAX, FP16_MAX).half(), self.weight).float()
+
+
+class HalfEmbedding(nn.Module):
+    """fp16 table, fp32 rows out."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight).float()
+
+
+def _to_half(model: nn.Module) -> nn.Module:
+    """Swap every linear and the embedding for fp16 versions (in place); the head stays tied."""
+    table = nn.Parameter(model.model.embed_tokens.weight.detach().half(), requires_grad=False)
+    model.model.embed_tokens = HalfEmbedding(table)
+    model.lm_head = HalfLinear(table)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, HalfLinear(nn.Parameter(child.weight.detach().half(), requires_grad=False)))
+    return model
+
+
+# -- the quantization grids, in torch (simulate) ----------------------------------------------------
+
+
+def block_for(scheme: str, k: int) -> int:
+    """The grid's block along K: 32 for int4b32, K itself (one scale per output channel) otherwise."""
+    return NBITS[scheme][1] or k
+
+
+def nbits_codes(w: Tensor, bits: int, block: int) -> tuple[Tensor, Tensor]:
+    """Symmetric round-to-nearest of w [N, K] in blocks along K, exactly as onnxruntime's MatMulNBits
+    quantizer rounds (scale = the block's largest-magnitude value / -2^(bits-1); x * (1/scale), ties
+    away from zero). Returns codes [N, nb, block] (K zero-padded) and scales [N, nb, 1]."""
+    n, k = w.shape
+    nb = -(-k // block)
+    wb = F.pad(w.float(), (0, nb * block - k)).view(n, nb, block)
+    extreme = wb.gather(-1, wb.abs().argmax(-1, keepdim=True))  # [N, nb, 1]
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale = extreme / lo
+    x = wb * torch.where(scale == 0, 0, 1.0 / scale)
+    return (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(lo, hi), scale
+
+
+def fake_nbits(w: Tensor, bits: int, block: int) -> Tensor:
+    """w [N, K] quantized and dequantized on the grid of `nbits_codes`."""
+    codes, scale = nbits_codes(w, bits, block)
+    return (codes * scale).view(w.shape[0], -1)[:, : w.shape[1]].to(w.dtype)
+
+
+def fp8_codes(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row e4m3 codes and scales of w [N, K]: (codes float8 [N, K], scale float32 [N])."""
+    amax = w.float().abs().amax(-1)
+    scale = torch.where(amax == 0, 1.0, amax / FP8_MAX)
+    return (w.float() / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+def fake_fp8(w: Tensor) -> Tensor:
+    codes, scale = fp8_codes(w)
+    return (codes.float() * scale[:, None]).to(w.dtype)
+
+
+def simulate(model: nn.Module, scheme: str) -> nn.Module:
+    """A copy of the eager model on the artifact's grid: weights quantized and dequantized exactly as
+    the ONNX export stores them (fp16: the same fp16 modules)."""
+    sim = copy.deepcopy(model)
+    if scheme == "fp32":
+        return sim
+    if scheme == "fp16":
+        return _to_half(sim)
+    if scheme == "fp8":
+        fake = fake_fp8
+    else:
+        bits = NBITS[scheme][0]
+        fake = lambda w: fake_nbits(w, bits, block_for(scheme, w.shape[1]))  # noqa: E731
+    with torch.no_grad():
+        for module in sim.modules():
+            if isinstance(module, nn.Linear):  # the head is tied: the embedding follows it
+                module.weight.copy_(fake(module.weight))
+    return sim
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int | None = None) -> dict:
+    """Write model.onnx (+ model.onnx.data for large models) into `folder`; return manifest fields.
+    `accuracy_level` (MatMulNBits: 4 = int8 compute) applies to int8/int4/int4b32."""
+    import onnx
+
+    scheme = spec.scheme.name
+    if accuracy_level is not None and scheme not in NBITS:
+        raise UserError(f"accuracy_level applies to int8, int4 and int4b32, not {scheme}.")
+    config = model.config
+    start = time.perf_counter()
+    proto = _torch_export(model, spec, scheme)
+    log(f"  torch.onnx.export: {len(proto.graph.node)} nodes in {time.perf_counter() - start:.1f} s")
+    if scheme in NBITS:
+        start = time.perf_counter()
+        proto = quantize_nbits(proto, scheme, accuracy_level)
+        log(f"  MatMulNBits {scheme}: {time.perf_counter() - start:.1f} s")
+    elif scheme == "fp8":
+        proto = quantize_fp8(proto)
+        log("  fp8 weights through DequantizeLinear")
+    weight_bytes = sum(_tensor_bytes(t) for t in proto.graph.initializer)
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, folder / ARTIFACT, save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA, size_threshold=1024)
+    inputs, outputs = _describe(proto)
+    cache_dtype = "float16" if scheme == "fp16" else "float32"
+    return {
+        "artifact": ARTIFACT,
+        "inputs": inputs,
+        "outputs": outputs,
+        "cache_dtype": cache_dtype,
+        "prefill_chunks": list(range(1, spec.chunk + 1)),
+        "target_info": {
+            "opset": OPSET,
+            "external_data": EXTERNAL_DATA if external else None,
+            "weight_bytes": weight_bytes,
+            "accuracy_level": accuracy_level,
+            "tied_head": "Gemm on the embedding table" if scheme in ("fp32", "fp16")
+            else "one quantized table for the head MatMul and the embedding gather",
+            "cache_io": "k_cache_{i}/v_cache_{i} in, k_cache_out_{i}/v_cache_out_{i} out, same shapes",
+            "layers": config.num_hidden_layers,
+        },
+    }
+
+
+def _torch_export(model: nn.Module, spec, scheme: str):
+    """torch.onnx.export (dynamo) of the cached step; returns the ModelProto (float weights)."""
+    if scheme == "fp16":
+        model = _to_half(copy.deepcopy(model))
+    dtype = torch.float16 if scheme == "fp16" else torch.float32
+    n = model.config.num_hidden_layers
+    in_names, out_names = io_names(n)
+    with boundary_caches(model, spec.context, dtype), torch.no_grad(), _quiet():
+        step = OnnxStep(model, separate_head=scheme in NBITS or scheme == "fp8").eval()
+        caches = [torch.zeros(s, dtype=dtype) for c in step.caches for s in (_shape(model, c), _shape(model, c))]
+        tokens = torch.zeros(1, min(2, spec.chunk), dtype=torch.long)
+        t_dim = {1: torch.export.Dim("T", min=1, max=spec.chunk)} if spec.chunk > 1 else None
+        dims = {"tokens": t_dim, "input_pos": None, "caches": [None] * len(caches)}
+        program = torch.onnx.export(
+            step, (tokens, torch.tensor([0]), caches), dynamic_shapes=dims, input_names=in_names,
+            output_names=out_names, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+        )
+        proto = program.model_proto
+    for value in proto.graph.input:  # the exporter names the dynamic axis after a symbol
+        if value.name == "tokens" and spec.chunk > 1:
+            value.type.tensor_type.shape.dim[1].dim_param = "T"
+    _name_nodes(proto.graph)
+    return proto
+
+
+def _shape(model: nn.Module, cache: BoundaryCache) -> tuple[int, ...]:
+    c = model.config
+    return (1, c.num_key_value_heads, cache.slots, c.head_dim)
+
+
+_NOISY = ("torch.onnx", "onnxscript", "onnx_ir", "onnxruntime.quantization")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporters' and quantizer's info logs and warnings are noise for the user."""
+    loggers = [logging.getLogger(name) for name in _NOISY]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def _name_nodes(graph) -> None:
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def _tensor_bytes(t) -> int:
+    import onnx
+
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return next(int(e.value) for e in t.external_data if e.key == "length")
+    return len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes
+
+
+def _describe(proto) -> tuple[list[dict], list[dict]]:
+    import onnx
+
+    def one(v) -> dict:
+        t = v.type.tensor_type
+        return {
+            "name": v.name,
+            "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+        }
+
+    return [one(v) for v in proto.graph.input], [one(v) for v in proto.graph.output]
+
+
+# -- graph passes ---------------------------------------------------------------------------------
+
+
+def _initializers(graph) -> dict:
+    return {t.name: t for t in graph.initializer}
+
+
+def _embedding_gather(graph):
+    """The Gather that looks up the token embeddings (data: the [V, H] table initializer)."""
+    inits = _initializers(graph)
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    if len(gathers) != 1:
+        raise RuntimeError(f"expected one embedding Gather, found {len(gathers)}")
+    return gathers[0]
+
+
+def _replace_node(graph, old, new_nodes: list) -> None:
+    nodes = list(graph.node)
+    i = nodes.index(old)
+    graph.ClearField("node")
+    graph.node.extend(nodes[:i] + new_nodes + nodes[i + 1 :])
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(keep)
+
+
+def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None):
+    """Every constant MatMul -> MatMulNBits, then the embedding Gather -> GatherBlockQuantized over the
+    head's packed table. Blocks of 32: onnxruntime.quantization's MatMulNBitsQuantizer. Per channel:
+    its quantizer takes blocks of at most 256, so the per-channel codes are packed here into the same
+    MatMulNBits layout, in blocks of 128 that repeat the channel's scale."""
+    import onnx
+
+    bits, block = NBITS[scheme]
+    if block:
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits, accuracy_level=accuracy_level)
+        with _quiet():
+            quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
+            quantizer.process()
+        proto = quantizer.model.model
+    else:
+        _per_channel_nbits(proto.graph, bits, accuracy_level)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _share_embedding_nbits(proto.graph, bits)
+    return proto
+
+
+def _per_channel_nbits(graph, bits: int, accuracy_level: int | None) -> None:
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(graph)
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        b = inits[node.input[1]]
+        k, n = b.dims
+        w = torch.from_numpy(numpy_helper.to_array(b).T.copy())  # [N, K]
+        codes, scale = nbits_codes(w, bits, k)  # [N, 1, K], [N, 1, 1]
+        block = math.gcd(k, 128)
+        if block < 16 or k % 2:
+            raise RuntimeError(f"K={k} has no MatMulNBits block (16..128) that divides it")
+        u = (codes.view(n, k) + 2 ** (bits - 1)).to(torch.uint8)  # MatMulNBits' zero point is 2^(bits-1)
+        if bits == 4:
+            u = u[:, 0::2] | (u[:, 1::2] << 4)  # two codes per byte, low nibble first
+        packed = u.reshape(n, k // block, -1).numpy()
+        scales = scale.view(n, 1).expand(n, k // block).contiguous().numpy()
+        graph.initializer.extend([numpy_helper.from_array(packed, f"{b.name}_Q{bits}"),
+                                  numpy_helper.from_array(scales, f"{b.name}_scales")])
+        extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{b.name}_Q{bits}", f"{b.name}_scales"],
+                                      list(node.output), name=f"{node.name}_Q{bits}", domain="com.microsoft",
+                                      K=k, N=n, bits=bits, block_size=block, **extra))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+
+
+def _share_embedding_nbits(graph, bits: int) -> None:
+    """Gather rows of the head's MatMulNBits table: B [V, k_blocks, blob] uint8 is exactly the
+    embedding [V, H] quantized per row in blocks along H."""
+    from onnx import helper, numpy_helper
+
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    hidden, block = attrs["K"], attrs["block_size"]
+    inits = _initializers(graph)
+    k_blocks = inits[head.input[1]].dims[1]
+    scales = numpy_helper.to_array(inits[head.input[2]]).reshape(-1, k_blocks, 1)  # [V, kb, 1]
+    gather = _embedding_gather(graph)
+    name, out = gather.name, gather.output[0]
+    graph.initializer.extend([
+        numpy_helper.from_array(scales, "embed_scales"),
+        numpy_helper.from_array(np.array([1, -1, k_blocks * block], np.int64), "embed_flat_shape"),
+        numpy_helper.from_array(np.array([0], np.int64), "embed_start"),
+        numpy_helper.from_array(np.array([hidden], np.int64), "embed_stop"),
+        numpy_helper.from_array(np.array([2], np.int64), "embed_axis"),
+    ])
+    nodes = [
+        helper.make_node("GatherBlockQuantized", [head.input[1], gather.input[1], "embed_scales"], [f"{name}_q"],
+                         name=f"{name}_q", domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                         block_size=block, bits=bits),  # [1, T, kb, block]
+        helper.make_node("Reshape", [f"{name}_q", "embed_flat_shape"], [f"{name}_flat"], name=f"{name}_flat"),
+        helper.make_node("Slice", [f"{name}_flat", "embed_start", "embed_stop", "embed_axis"], [out], name=f"{name}_slice"),
+    ]
+    _replace_node(graph, gather, nodes)
+    _drop_unused_initializers(graph)
+
+
+def quantize_fp8(proto):
+    """Every constant MatMul weight B [K, N] -> float8e4m3fn codes + per-column scale, DequantizeLinear
+    (axis 1) before the MatMul; the embedding gathers columns of the head's fp8 table."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = _initializers(graph)
+    new_nodes, head = [], None
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            b = inits[node.input[1]]
+            w = torch.from_numpy(numpy_helper.to_array(b).T.copy())  # [N, K]
+            codes, scale = fp8_codes(w)
+            q = helper.make_tensor(f"{b.name}_f8", TensorProto.FLOAT8E4M3FN, list(b.dims),
+                                   codes.t().contiguous().view(torch.uint8).numpy().tobytes(), raw=True)
+            graph.initializer.extend([q, numpy_helper.from_array(scale.numpy(), f"{b.name}_f8_scale")])
+            dq = helper.make_node("DequantizeLinear", [q.name, f"{b.name}_f8_scale"], [f"{b.name}_deq"],
+                                  name=f"{node.name}_dq", axis=1)
+            node.input[1] = f"{b.name}_deq"
+            if b.name.startswith("head_t"):  # first: the embedding gathers from it too
+                head = b.name
+                new_nodes.insert(0, dq)
+            else:
+                new_nodes.append(dq)
+        new_nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    gather = _embedding_gather(graph)
+    name, out, hidden = gather.name, gather.output[0], inits[head].dims[0]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([-1], np.int64), "embed_ids_shape"),
+        numpy_helper.from_array(np.array([1, -1, hidden], np.int64), "embed_out_shape"),
+    ])
+    # Gather takes no float8 input: the rows come from the head's dequantized table (same values).
+    ids, cols = f"{name}_ids", f"{name}_cols"
+    _replace_node(graph, gather, [
+        helper.make_node("Reshape", [gather.input[1], "embed_ids_shape"], [ids], name=f"{name}_ids"),
+        helper.make_node("Gather", [f"{head}_deq", ids], [cols], name=f"{name}_cols", axis=1),  # [H, n]
+        helper.make_node("Transpose", [cols], [f"{name}_rows"], name=f"{name}_t", perm=[1, 0]),  # [n, H]
+        helper.make_node("Reshape", [f"{name}_rows", "embed_out_shape"], [out], name=f"{name}_out"),
+    ])
+    _drop_unused_initializers(graph)
+    return proto

@@ -1,0 +1,81 @@
+"""onnxruntime runner for ONNX bundles: the same interface as the eager one (generate.Runner).
+
+The KV cache never passes through numpy: one OrtValue per cache, of the manifest's shape, is bound
+with IOBinding as both the graph's cache input and its cache output, once. onnxruntime's
+ScatterElements skips its input-to-output copy when the two are the same buffer, so a step writes
+only the new positions, in place (the exporter orders every write after the reads it must follow).
+Per step only `tokens` and `input_pos` are bound again; the logits land in a preallocated OrtValue.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import UserError
+from ..generate import Runner
+
+
+class OnnxRunner(Runner):
+    """Chunked prefill and decode over an ONNX artifact in onnxruntime (CPU)."""
+
+    def __init__(self, path: Path, inputs: list[dict], outputs: list[dict], max_context: int, chunk: int,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        super().__init__()
+        self.max_context, self.chunk = max_context, chunk
+        options = ort.SessionOptions()
+        # Idle threads sleep instead of spinning: a step is long, and the eager model or the
+        # tokenizer often shares the process.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise UserError(f"onnxruntime cannot load {path} ({type(e).__name__}); export the bundle again.") from None
+        got = [v.name for v in self.session.get_inputs()], [v.name for v in self.session.get_outputs()]
+        want = [v["name"] for v in inputs], [v["name"] for v in outputs]
+        if got != want:
+            raise UserError(f"{path} does not have the inputs and outputs its manifest lists; export the bundle again.")
+        self.cache_specs = [(v["name"], tuple(v["shape"]), np.dtype(v["dtype"])) for v in inputs[2:]]
+        self.cache_out = want[1][1:]
+        self.vocab = outputs[0]["shape"][-1]
+        self.binding = self.session.io_binding()
+        self.runtime_note = f"onnxruntime {ort.__version__} CPU, {threads or 'default'} threads"
+        self._alloc()
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> OnnxRunner:
+        m = bundle.manifest
+        return cls(bundle.artifact, m["inputs"], m["outputs"], m["max_context"], m["prefill_chunk"], threads)
+
+    def _alloc(self) -> None:
+        """Fresh zeroed caches (np.zeros: pages become resident only once written), bound in place."""
+        from onnxruntime import OrtValue
+
+        # The OrtValues wrap these arrays without a copy: writing them writes the cache (memory.py).
+        self.cache_numpy = [np.zeros(shape, dtype) for _, shape, dtype in self.cache_specs]
+        self._caches = [OrtValue.ortvalue_from_numpy(a) for a in self.cache_numpy]
+        for (name, _, _), out, value in zip(self.cache_specs, self.cache_out, self._caches):
+            self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_ortvalue_output(out, value)
+        self._logits = OrtValue.ortvalue_from_numpy(np.zeros((1, self.vocab), np.float32))
+        self.binding.bind_ortvalue_output("logits", self._logits)
+
+    def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        self.binding.bind_cpu_input("input_pos", np.array([pos], dtype=np.int64))
+        self.session.run_with_iobinding(self.binding)
+        return self._logits.numpy()[0].copy()  # the buffer is reused next step
+
+    def _reset(self) -> None:
+        self._alloc()
+
+    def cache_arrays(self) -> list[np.ndarray]:
+        """The current cache contents (copies), in input order: for tests and memory checks."""
+        return [v.numpy() for v in self._caches]

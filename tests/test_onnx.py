@@ -1,0 +1,280 @@
+"""ONNX export and the onnxruntime runner (tiny preset): parity with the eager cached model across the
+sliding window, the cache bound in place, every scheme against its eager simulation.
+
+Exports are slow (~10-20 s each), so bundles are built once per test session by `tiny_bundle`
+(test_validate.py and test_memory.py use it too) and the scheme tests share one float graph.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from conftest import tiny_model
+from gemma3_export.bundle import read_bundle
+from gemma3_export.exporters import onnx as onnx_export
+from gemma3_export.generate import EagerRunner
+from gemma3_export.load import load_model
+from gemma3_export.pipeline import export, make_spec, open_runner
+from gemma3_export.runtimes.onnx import OnnxRunner
+
+CONTEXT, CHUNK, W = 48, 6, 8  # tiny: sliding window 8, globals at layers 2 and 5
+# Step sizes: prefill chunks and decode steps mixed; positions W-1, W, W+1, chunks straddling 2W and
+# 4W, ring wrap-around, over 5+ windows.
+PLAN = [3, 4, 1, 1, 1, 5, 3, 6, 1, 1, 2, 6] + [1] * 8
+_BUNDLES: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny eager model runs 30x faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_bundle(scheme: str) -> Path:
+    """A tiny bundle (context 48, chunk 6) exported through the pipeline, once per test session."""
+    if scheme not in _BUNDLES:
+        root = Path(tempfile.mkdtemp(prefix="gemma3-onnx-test-"))
+        atexit.register(shutil.rmtree, root, True)
+        _BUNDLES[scheme] = export(model="tiny", target="onnx", quant=scheme, context=CONTEXT, chunk=CHUNK,
+                                  out=root / scheme, validate=False, log=lambda *_: None)
+    return _BUNDLES[scheme]
+
+
+def token_ids(n: int, seed: int = 0) -> list[int]:
+    return [2] + np.random.default_rng(seed).integers(3, 512, n - 1).tolist()
+
+
+def run_plan(runner, ids: list[int]) -> tuple[list[int], list[np.ndarray]]:
+    """Feed ids in PLAN's step sizes; return the last position and logits of every step."""
+    runner.reset()
+    positions, logits = [], []
+    for size in PLAN:
+        logits.append(runner.prefill(ids[runner.pos : runner.pos + size]))
+        positions.append(runner.pos - 1)
+    return positions, logits
+
+
+def test_plan_crosses_the_window_where_gemma_breaks():
+    ends = np.cumsum(PLAN) - 1
+    starts = ends - np.asarray(PLAN) + 1
+    assert {W - 1, W, W + 1} <= set(ends[np.asarray(PLAN) == 1].tolist())
+    assert any(s < 2 * W <= e for s, e in zip(starts, ends)) and any(s < 4 * W <= e for s, e in zip(starts, ends))
+    assert ends[-1] + 1 >= 5 * W and max(PLAN) == CHUNK
+
+
+@pytest.fixture(scope="module")
+def fp32_runner():
+    return OnnxRunner.from_bundle(read_bundle(tiny_bundle("fp32")))
+
+
+def test_fp32_matches_the_eager_cached_model(fp32_runner, tiny):
+    ids = token_ids(sum(PLAN))
+    positions, got = run_plan(fp32_runner, ids)
+    _, ref = run_plan(EagerRunner(tiny, CONTEXT, CHUNK), ids)
+    diffs = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
+    assert max(diffs) <= 1e-4, dict(zip(positions, diffs))
+    with torch.no_grad():  # and the uncached full-sequence forward (rung 2), at every step's last token
+        full = tiny(torch.tensor([ids]))[0].numpy()
+    assert max(float(np.abs(g - full[p]).max()) for p, g in zip(positions, got)) <= 1e-4
+    # The caches hold the same values in the same slots (ring layout included).
+    eager = [t.numpy() for c in tiny.caches for t in (c.k, c.v)]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(fp32_runner.cache_arrays(), eager)) <= 1e-5
+
+
+def test_generation_is_the_eager_one(fp32_runner, tiny):
+    from gemma3_export.generate import generate
+
+    prompt = token_ids(11, seed=3)
+    fp32_runner.reset()
+    got = list(generate(fp32_runner, prompt, 30, stop_ids=()))
+    want = list(generate(EagerRunner(tiny, CONTEXT, CHUNK), prompt, 30, stop_ids=()))
+    assert got == want and fp32_runner.pos == 11 + 29
+
+
+def test_manifest_describes_the_graph(fp32_runner):
+    b = read_bundle(tiny_bundle("fp32"), verify=True)
+    m = b.manifest
+    names = [v["name"] for v in m["inputs"]]
+    assert names[:2] == ["tokens", "input_pos"] and names[2:6] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    assert [v["name"] for v in m["outputs"]][:3] == ["logits", "k_cache_out_0", "v_cache_out_0"]
+    assert m["inputs"][0]["shape"] == [1, "T"] and m["prefill_chunks"] == list(range(1, CHUNK + 1))
+    shapes = {v["name"]: v["shape"] for v in m["inputs"]}
+    assert shapes["k_cache_0"] == [1, 2, W, 32] and shapes["k_cache_2"] == [1, 2, CONTEXT, 32]  # ring / full
+    assert [layer["shape"] for layer in m["cache"]] == [shapes[f"k_cache_{i}"] for i in range(6)]
+    assert m["cache_dtype"] == "float32" and m["quant"]["name"] == "fp32" and m["artifact"] == "model.onnx"
+    session = fp32_runner.session
+    assert [v.name for v in session.get_inputs()] == names
+    assert session.get_inputs()[0].shape == [1, "T"]
+
+
+def test_cache_is_bound_in_place_and_never_copied_through_numpy(fp32_runner, monkeypatch):
+    fp32_runner.reset()
+    pointers = [v.data_ptr() for v in fp32_runner._caches]
+    assert pointers == [a.ctypes.data for a in fp32_runner.cache_numpy]  # OrtValues wrap the arrays
+    monkeypatch.setattr(fp32_runner.session, "run", lambda *a, **k: pytest.fail("session.run copies the cache"))
+    fp32_runner.prefill(token_ids(7))
+    for _ in range(3):
+        fp32_runner.decode(5)
+    assert [v.data_ptr() for v in fp32_runner._caches] == pointers
+    assert np.abs(fp32_runner.cache_numpy[4]).sum() > 0  # the graph wrote into the bound array (layer 2, k)
+
+
+def test_in_place_writes_follow_the_reads(tmp_path):
+    """onnxruntime skips ScatterElements' copy when input and output share a buffer. Global caches
+    are read after the write; ring caches must be written from the attended copy, not from the graph
+    input, or the write could land before the read. Checked on onnxruntime's optimized graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tiny_bundle("fp32") / "model.onnx"), options)
+    graph = onnx.load(tmp_path / "optimized.onnx").graph
+    inputs = {v.name for v in graph.input}
+    data = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "ScatterElements"}
+    for i in range(6):
+        for kv in "kv":
+            source = data[f"{kv}_cache_out_{i}"]
+            if i in (2, 5):
+                assert source == f"{kv}_cache_{i}"
+            else:
+                assert source not in inputs
+
+
+def test_reset_forgets_the_conversation(fp32_runner):
+    ids = token_ids(9)
+    fp32_runner.prefill(token_ids(20, seed=7))
+    fp32_runner.reset()
+    first = fp32_runner.prefill(ids)
+    fp32_runner.decode(9)
+    fp32_runner.reset()
+    assert fp32_runner.pos == 0 and np.array_equal(fp32_runner.prefill(ids), first)
+
+
+# -- int4 blocks of 32 through the pipeline ----------------------------------------------------------
+
+
+def test_int4b32_agrees_with_the_eager_model():
+    bundle = read_bundle(tiny_bundle("int4b32"))
+    runner = open_runner(bundle)
+    model = load_model("tiny", log=lambda *_: None).model
+    ids = token_ids(CONTEXT, seed=1)
+    _, got = run_plan(runner, ids)
+    _, float_ref = run_plan(EagerRunner(model, CONTEXT, CHUNK), ids)
+    _, sim_ref = run_plan(EagerRunner(onnx_export.simulate(model, "int4b32"), CONTEXT, CHUNK), ids)
+    agree = np.mean([a.argmax() == b.argmax() for a, b in zip(got, float_ref)])
+    assert agree >= 0.95
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, sim_ref)) <= 1e-4  # the same grid
+
+
+def _initializer(graph, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in graph.initializer if t.name == name))
+
+
+def test_int4b32_stores_the_simulated_grid_once():
+    graph = onnx.load(tiny_bundle("int4b32") / "model.onnx").graph
+    ops = [n.op_type for n in graph.node]
+    inits = {t.name for t in graph.initializer}
+    assert ops.count("MatMulNBits") == 6 * 7 + 1
+    assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & inits]
+    assert not [t for t in graph.initializer if sorted(t.dims) == [64, 512]]  # no float embedding or head
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert gather.input[0] == head.input[1]  # one table for the embedding and the head
+    # Every matrix (the head included) holds exactly the codes and scales of the eager simulation.
+    stored = []
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            packed, scales = _initializer(graph, n.input[1]), _initializer(graph, n.input[2])
+            rows, blocks = scales.shape
+            codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(rows, -1).astype(np.float32) - 8
+            stored.append(codes * np.repeat(scales, 32, axis=1))
+    model = load_model("tiny", log=lambda *_: None).model
+    for linear in [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
+        want = onnx_export.fake_nbits(linear.weight, 4, 32).numpy()
+        assert any(s.shape == want.shape and np.array_equal(s, want) for s in stored)
+
+
+# -- every scheme on a smaller model, one float graph shared ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Two layers (local, global), the float graph with a separate head, and its spec."""
+    model = tiny_model(seed=2, num_hidden_layers=2, sliding_window_pattern=2)
+    spec = make_spec("tiny", "onnx", "int4b32", CONTEXT, CHUNK)
+    return model, spec, onnx_export._torch_export(model, spec, "int4b32")
+
+
+def _open(proto, folder: Path, dtype: str = "float32") -> OnnxRunner:
+    folder.mkdir()
+    onnx.save_model(proto, folder / "model.onnx")
+    inputs, outputs = onnx_export._describe(proto)
+    return OnnxRunner(folder / "model.onnx", inputs, outputs, CONTEXT, CHUNK)
+
+
+@pytest.mark.parametrize("scheme, bits_per_weight", [("int8", 8), ("int4", 4), ("int4b32", 4), ("fp8", 8)])
+def test_scheme_matches_its_simulation(small, tmp_path, scheme, bits_per_weight):
+    model, spec, proto = small
+    proto = copy.deepcopy(proto)
+    float_bytes = sum(onnx_export._tensor_bytes(t) for t in proto.graph.initializer)
+    proto = onnx_export.quantize_fp8(proto) if scheme == "fp8" else onnx_export.quantize_nbits(proto, scheme)
+    runner = _open(proto, tmp_path / scheme)
+    ids = token_ids(sum(PLAN), seed=4)
+    _, got = run_plan(runner, ids)
+    _, ref = run_plan(EagerRunner(onnx_export.simulate(model, scheme), CONTEXT, CHUNK), ids)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, ref)) <= 1e-4
+    quant_bytes = sum(onnx_export._tensor_bytes(t) for t in proto.graph.initializer)
+    assert quant_bytes < float_bytes * (bits_per_weight / 32) * 1.35  # scales and norms on top
+    big = [t for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+           and np.prod(t.dims) >= 64 * 64]
+    assert not [t.name for t in big if "scale" not in t.name]  # every matrix quantized, the head too
+
+
+def test_accuracy_level_4_quantizes_activations(small, tmp_path):
+    model, spec, proto = small
+    proto = onnx_export.quantize_nbits(copy.deepcopy(proto), "int4b32", accuracy_level=4)
+    levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    ids = token_ids(sum(PLAN), seed=5)
+    _, got = run_plan(_open(proto, tmp_path / "acc4"), ids)
+    _, ref = run_plan(EagerRunner(onnx_export.simulate(model, "int4b32"), CONTEXT, CHUNK), ids)
+    assert np.mean([a.argmax() == b.argmax() for a, b in zip(got, ref)]) >= 0.95
+
+
+def test_fp16_keeps_the_residual_stream_in_fp32(small, tmp_path):
+    model, _, _ = small
+    spec = make_spec("tiny", "onnx", "fp16", CONTEXT, CHUNK)
+    info = onnx_export.export(model, tmp_path, spec, log=lambda *_: None)
+    assert info["cache_dtype"] == "float16" and info["inputs"][2]["dtype"] == "float16"
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    assert {t.data_type for t in graph.initializer if np.prod(t.dims) >= 64 * 64} == {onnx.TensorProto.FLOAT16}
+    runner = OnnxRunner(tmp_path / "model.onnx", info["inputs"], info["outputs"], CONTEXT, CHUNK)
+    ids = token_ids(sum(PLAN), seed=6)
+    _, got = run_plan(runner, ids)
+    _, ref = run_plan(EagerRunner(model, CONTEXT, CHUNK), ids)
+    assert all(np.isfinite(g).all() for g in got)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, ref)) <= 0.05
+    # Activations past fp16's range (Gemma's residual stream) are clamped at the matmul, never inf.
+    half = onnx_export.HalfLinear(torch.nn.Parameter(torch.ones(4, 8, dtype=torch.float16) * 1e-3))
+    assert torch.isfinite(half(torch.full((1, 8), 1e6))).all()
+
+
+def test_accuracy_level_is_refused_for_float_schemes(small, tmp_path):
+    from gemma3_export.errors import UserError
+
+    model, _, _ = small
+    with pytest.raises(UserError, match="accuracy_level applies to int8, int4 and int4b32"):
+        onnx_export.export(model, tmp_path, make_spec("tiny", "onnx", "fp32", CONTEXT, CHUNK), accuracy_level=4)
