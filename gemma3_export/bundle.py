@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Gemma3Config
+from .contract import check_manifest
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -91,8 +92,9 @@ def staged(out: Path) -> Iterator[Path]:
 
 
 def write_manifest(folder: Path, manifest: dict) -> dict:
-    """Complete the manifest with checksums and versions and write it into `folder`."""
+    """Complete the manifest with checksums and versions, check it against the schema, write it into `folder`."""
     manifest = {"format_version": FORMAT_VERSION, **manifest, "files": file_hashes(folder), "versions": versions()}
+    check_manifest(manifest, name="The manifest being written")
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -145,9 +147,7 @@ def read_bundle(path: str | Path, verify: bool = False) -> Bundle:
             f"{path} was written by a newer gemma3-export (bundle format {version}, this one reads "
             f"up to {FORMAT_VERSION}); upgrade gemma3-export."
         )
-    missing = [k for k in ("target", "artifact", "tokenizer", "config", "files") if k not in manifest]
-    if missing:
-        raise UserError(f"{path / MANIFEST} lacks {', '.join(missing)}.")
+    check_manifest(manifest, name=str(path / MANIFEST))
     for name, digest in manifest["files"].items():
         f = path / name
         if not f.is_file():
