@@ -1,0 +1,301 @@
+"""Core ML export: one stateful, multifunction `.mlpackage` for iOS 18+ (coremltools 9).
+
+- The KV cache is Core ML state (`ct.StateType`, fp16): the model's mutable cache buffers, global
+  layers `context` slots, local layers their ring of `sliding_window` slots.
+- Two functions over one copy of the weights: `prefill` (T = chunk) and `decode` (T = 1), both
+  `(tokens int32[1, T], input_pos int32[1]) -> logits float32[1, vocab]` (the last token's).
+- fp16 compute by default with fp32 islands chosen by `numerics.check_fp16` on the bundled text;
+  `--quant fp32` computes in fp32. The states are fp16 either way.
+- int8 / int4 per-channel and int4 blocks of 32 through `coremltools.optimize` on every linear weight
+  and the tied embedding; `simulate` puts the eager model on the same grid for `validate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..cache import KVCache, RingKVCache
+from ..errors import UserError
+from ..model import Gemma3ForCausalLM
+
+ARTIFACT = "model.mlpackage"
+MASK_FILL = -32752.0  # half of fp16's lowest value: finite, and softmax still gives it probability 0
+# scheme -> (bits, block sizes over a [rows, cols] weight: 1 = per row, 0 = whole axis)
+COMPRESSION = {"int8": (8, [1, 0]), "int4": (4, [1, 0]), "int4b32": (4, [1, 32])}
+
+
+# -- the exportable model: cache swaps --------------------------------------------------------------
+
+class _CoreMLWrite:
+    """Why: Core ML states are fp16 only, and coremltools converts neither `index_copy` nor an
+    `index_put` of several positions; T > 1 writes the cache with a scatter-free one-hot update."""
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # Writes cast implicitly (an explicit cast before a slice update does not convert); reads
+        # come back in the compute dtype.
+        keys, values, key_pos = super().update(input_pos, k, v)
+        return keys.to(k.dtype), values.to(v.dtype), key_pos
+
+    def _write(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if k.shape[2] == 1:  # decode: a single-position slice update
+            self.k[:, :, slots] = k
+            self.v[:, :, slots] = v
+            return self.k, self.v
+        onehot = (slots[:, None] == torch.arange(self.slots)[None, :]).to(k.dtype)  # [T, S]
+        keep = 1.0 - onehot.sum(0)[:, None]  # [S, 1]: 0 where the chunk writes
+        new_k = self.k.to(k.dtype) * keep + onehot.t() @ k  # [1, H, S, D]; exact: one term per slot
+        new_v = self.v.to(v.dtype) * keep + onehot.t() @ v
+        self.k.copy_(new_k)
+        self.v.copy_(new_v)
+        return new_k, new_v
+
+
+class CoreMLKVCache(_CoreMLWrite, KVCache):
+    """Global layers' cache for Core ML (see `_CoreMLWrite`)."""
+
+
+class CoreMLRingKVCache(_CoreMLWrite, RingKVCache):
+    """Local layers' ring for Core ML (see `_CoreMLWrite`)."""
+
+
+def prepare(model: Gemma3ForCausalLM, context: int) -> Gemma3ForCausalLM:
+    """Give `model` fp16 Core ML caches of `context` slots (rings for local layers), in place."""
+    model.float().eval().requires_grad_(False)
+    model.setup_caches(context, torch.float16)
+    for layer in model.model.layers:
+        old = layer.self_attn.cache
+        if isinstance(old, RingKVCache):
+            new = CoreMLRingKVCache(old.k.shape[1], old.window, old.k.shape[3], torch.float16)
+        else:
+            new = CoreMLKVCache(old.k.shape[1], old.slots, old.k.shape[3], torch.float16)
+        layer.self_attn.cache = new
+    return model
+
+
+def _where_scalar_other(cond: Tensor, x: Tensor, other: float) -> Tensor:
+    """Why: coremltools has no converter for `where.ScalarOther`; the fill (the attention mask's
+    dtype minimum) is also made finite in fp16."""
+    return torch.ops.aten.where.self(cond, x, torch.ops.aten.full_like.default(x, max(other, MASK_FILL)))
+
+
+def trace(model: Gemma3ForCausalLM, T: int):
+    """torch.export of one cached step over tokens[1, T]; decomposed the way coremltools converts."""
+    args = (torch.zeros(1, T, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    with torch.no_grad():
+        ep = torch.export.export(model, args, strict=False)
+    return ep.run_decompositions({torch.ops.aten.where.ScalarOther: _where_scalar_other})
+
+
+# -- conversion ---------------------------------------------------------------------------------
+
+def convert(ep, T: int, fp16: bool, fp32_blocks: list[str], target: str = "iOS18"):
+    """ct.convert one traced step: states from the cache buffers, named int32 inputs, fp32 logits."""
+    import coremltools as ct
+
+    from ..numerics import op_selector, tag_precision
+
+    if not hasattr(ct.target, target):
+        raise UserError(f"Unknown Core ML deployment target {target!r}; use iOS18 (or macOS15) or later.")
+    if getattr(ct.target, target) < ct.target.iOS18:
+        raise UserError(f"The KV cache is Core ML state, which needs iOS 18 or later; {target} has no states.")
+    tag_precision(ep, fp32_blocks)
+    precision = ct.transform.FP16ComputePrecision(op_selector=op_selector) if fp16 else ct.precision.FLOAT32
+    return ct.convert(
+        ep,
+        minimum_deployment_target=getattr(ct.target, target),
+        compute_precision=precision,
+        inputs=[ct.TensorType(name="tokens", shape=(1, T), dtype=np.int32),
+                ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32)],
+        outputs=[ct.TensorType(name="logits", dtype=np.float32)],
+        skip_model_load=True,
+    )
+
+
+def _program(mlmodel):
+    """The pymil program of a converted or a loaded MLModel."""
+    if mlmodel._mil_program is not None:
+        return mlmodel._mil_program
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    spec = mlmodel.get_spec()
+    return load(spec, spec.specificationVersion, mlmodel.weights_dir)
+
+
+def weight_consts(mlmodel) -> list[str]:
+    """Names of the const ops that feed a linear's weight or the embedding's gather."""
+    names = []
+    for op in (op for f in _program(mlmodel).functions.values() for op in f.operations):
+        var = op.inputs.get("weight") if op.op_type == "linear" else op.inputs.get("x") if op.op_type == "gather" else None
+        if var is not None and var.op is not None and var.op.op_type == "const" and var.rank == 2:
+            names.append(var.op.name)
+    return sorted(set(names))
+
+
+def compress(mlmodel, scheme: str):
+    """Linear-symmetric int8/int4 weights (per row, or blocks of 32) through coremltools.optimize."""
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+    bits, blocks = COMPRESSION[scheme]
+    op_config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype=f"int{bits}", granularity="per_block",
+                                        block_size=blocks, weight_threshold=1)
+    config = OptimizationConfig(op_name_configs={name: op_config for name in weight_consts(mlmodel)})
+    return linear_quantize_weights(mlmodel, config=config)
+
+
+def _grid(weight: Tensor, scheme: str) -> Tensor:
+    """`weight` on coremltools' grid for `scheme` (quantized from its fp16 value, as in the package)."""
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights as lq  # the pass
+
+    bits, blocks = COMPRESSION[scheme]
+    w16 = weight.detach().to(torch.float16).numpy()
+    params = lq.blockwise_compress(w16, nbits=bits, mode="LINEAR_SYMMETRIC", signed=True, block_sizes=blocks)
+    return torch.from_numpy(np.asarray(lq.decompress(params), dtype=np.float32))
+
+
+def simulate(model: Gemma3ForCausalLM, scheme: str) -> Gemma3ForCausalLM:
+    """The eager model with this target's weights for `scheme`: fp16-rounded weights, or the int grid."""
+    sim = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in sim.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and name != "lm_head":  # lm_head: tied
+                w = module.weight
+                w.copy_(_grid(w, scheme) if scheme in COMPRESSION else w.to(torch.float16).float())
+    return sim
+
+
+def save_function(mlmodel, scheme: str, path: Path) -> Path:
+    """Compress a converted (or loaded) function for `scheme` and save it as its own package."""
+    if scheme in COMPRESSION:
+        mlmodel = compress(mlmodel, scheme)
+    mlmodel.save(str(path))
+    return path
+
+
+def save_package(paths: dict[str, Path], out: Path) -> None:
+    """One multifunction package of the functions saved at `paths`; identical weights stored once."""
+    import coremltools as ct
+
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, path in paths.items():
+        desc.add_function(str(path), src_function_name="main", target_function_name=name)
+    desc.default_function_name = "decode"
+    ct.utils.save_multifunction(desc, str(out))
+
+
+# -- tokenizer in Hugging Face form --------------------------------------------------------------
+
+def write_hf_tokenizer(tokenizer, folder: Path) -> list[str]:
+    """tokenizer.json and tokenizer_config.json (what swift-transformers and `tokenizers` read)."""
+    from transformers import GemmaTokenizer
+
+    from ..tokenizer import CHAT_TEMPLATE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(Path(tmp) / "tokenizer.model")
+        hf = GemmaTokenizer.from_pretrained(tmp)
+        hf.chat_template = CHAT_TEMPLATE
+        hf.save_pretrained(Path(tmp) / "hf")
+        names = ["tokenizer.json", "tokenizer_config.json"]
+        for name in names:
+            shutil.copy(Path(tmp) / "hf" / name, folder / name)
+    return names
+
+
+def _default_tokenizer(config):
+    from ..load import _tokenizer_for
+
+    return _tokenizer_for(config)
+
+
+# -- the exporter -------------------------------------------------------------------------------
+
+def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=None) -> dict:
+    """Write `model.mlpackage` (+ the tokenizer as tokenizer.json) into `folder`; see the module doc.
+
+    The model's caches are replaced by fp16 Core ML caches (in place). `tokenizer` encodes the check
+    text (default: the preset's vocabulary)."""
+    from ..runtimes.coreml import describe_package
+
+    start = time.perf_counter()
+    scheme, C = spec.scheme.name, spec.chunk
+    tokenizer = tokenizer or _default_tokenizer(model.config)
+    prepare(model, spec.context)
+    programs = {"prefill": trace(model, C), "decode": trace(model, 1)}
+    log(f"  traced prefill (T={C}) and decode (T=1) in {time.perf_counter() - start:.1f} s")
+    report = check_numerics(programs, scheme, tokenizer, spec.context, C, log)
+    log(f"  fp16 check over {report.tokens} tokens: fp32 blocks {report.fp32_blocks or 'none'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, T in (("prefill", C), ("decode", 1)):
+            t0 = time.perf_counter()
+            mlmodel = convert(programs.pop(name), T, scheme != "fp32", report.fp32_blocks)
+            paths[name] = save_function(mlmodel, scheme, Path(tmp) / f"{name}.mlpackage")
+            del mlmodel  # one function's weights in memory at a time
+            log(f"  converted {name} in {time.perf_counter() - t0:.1f} s")
+        save_package(paths, folder / ARTIFACT)
+    extra = write_hf_tokenizer(tokenizer, folder)
+    package = describe_package(folder / ARTIFACT)
+    log(f"  wrote {ARTIFACT} ({package['size_bytes'] / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    fields = _manifest_fields(package, report, scheme, C)
+    fields["target_info"]["export_seconds"] = round(time.perf_counter() - start, 1)
+    return {**fields, "hf_tokenizer": extra}
+
+
+def check_numerics(programs: dict, scheme: str, tokenizer, context: int, chunk: int, log=print):
+    """`numerics.check_fp16` over the bundled text, on the weights the package will hold."""
+    from ..numerics import GraphProxy, check_fp16
+    from ..validate import validation_ids
+
+    params = None
+    if scheme in COMPRESSION:
+        params, grids = {}, {}
+        for name, value in programs["prefill"].state_dict.items():  # the tied embedding once
+            if value.dim() == 2 and value.data_ptr() not in grids:
+                grids[value.data_ptr()] = _grid(value, scheme)
+            params[name] = grids[value.data_ptr()] if value.dim() == 2 else value
+    n_layers = len(programs["prefill"].graph_signature.buffers_to_mutate) // 2  # a k and a v per layer
+    ids = validation_ids(tokenizer, min(len(tokenizer.encode(_check_text(), bos=False)) + 1, context))
+    return check_fp16(lambda blocks: GraphProxy(programs, params, fp16=scheme != "fp32", fp32_blocks=blocks),
+                      ids, chunk, n_layers, fp16=scheme != "fp32", log=log)
+
+
+def _manifest_fields(package: dict, report, scheme: str, C: int) -> dict:
+    decode = package["functions"]["decode"]
+    return {
+        "artifact": ARTIFACT,
+        "inputs": [{**i, "shape": [1, "T"]} if i["name"] == "tokens" else i for i in decode["inputs"]],
+        "outputs": decode["outputs"],
+        "cache_dtype": "float16",
+        "prefill_chunks": sorted({C, 1}, reverse=True),
+        "target_info": {
+            "minimum_deployment_target": "iOS18",
+            "functions": {"prefill": {"T": C}, "decode": {"T": 1}},
+            "compute_precision": "fp32" if scheme == "fp32" else "fp16",
+            "compression": _compression_info(scheme),
+            "numerics": report.as_dict(),
+            "package": {**package, "functions": {  # states: see the manifest's `cache`
+                name: {**f, "states": len(f["states"])} for name, f in package["functions"].items()}},
+        },
+    }
+
+
+def _compression_info(scheme: str) -> dict | None:
+    if scheme not in COMPRESSION:
+        return None
+    bits, blocks = COMPRESSION[scheme]
+    return {"tool": "coremltools.optimize.coreml.linear_quantize_weights", "mode": "linear_symmetric",
+            "dtype": f"int{bits}", "block_sizes": blocks, "weights": "every linear and the tied embedding"}
+
+
+def _check_text() -> str:
+    from importlib import resources
+
+    return resources.files("gemma3_export").joinpath("data/validation.txt").read_text()

@@ -1,0 +1,231 @@
+"""Core ML export (tiny preset): the package's structure per scheme, the fp16 numerics check, and the
+fp16 eager proxy of the converted graph against the fp32 eager model. Core ML itself cannot predict on
+Linux, so the numbers here come from the proxy (runtimes/coreml.py says how it is built)."""
+
+import json
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from gemma3_export.errors import UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore")  # coremltools renames states and warns about torch versions
+CONTEXT, CHUNK, WINDOW = 32, 4, 8
+LOCAL = [0, 1, 3, 4]  # tiny: layers 2 and 5 are global
+# fp16 proxy vs fp32 eager, logits up to ~60 on the tiny model: measured max 0.035, mean 0.0034.
+PROXY_MAX_ABS, PROXY_MEAN_ABS = 0.15, 0.01
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory):
+    """The product path: pipeline.export (trace, fp16 check, convert, package, validate)."""
+    from gemma3_export.pipeline import export
+
+    out = export(model="tiny", target="coreml", quant="fp16", context=CONTEXT, chunk=CHUNK,
+                 out=tmp_path_factory.mktemp("coreml") / "fp16", validate=True, log=quiet)
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def functions(tmp_path_factory):
+    """prefill and decode of the tiny model traced and converted once in fp16 (one-function packages)."""
+    from gemma3_export.exporters import coreml as X
+
+    folder = tmp_path_factory.mktemp("functions")
+    model = X.prepare(tiny_model(), CONTEXT)
+    programs, paths = {}, {}
+    for name, T in (("prefill", CHUNK), ("decode", 1)):
+        programs[name], paths[name] = X.trace(model, T), folder / f"{name}.mlpackage"
+        X.convert(programs[name], T, fp16=True, fp32_blocks=[]).save(str(paths[name]))
+    return programs, paths
+
+
+def weight_elements() -> int:
+    """Elements of the tiny model's 2-D weights, the tied embedding counted once."""
+    return sum(p.numel() for p in tiny_model().parameters() if p.dim() == 2)
+
+
+def load(path):
+    import coremltools as ct
+
+    return ct.models.MLModel(str(path), skip_model_load=True)
+
+
+@pytest.mark.parametrize("scheme, dtype", [("int8", "int8"), ("int4", "int4"), ("int4b32", "int4")])
+def test_int_schemes_compress_every_weight(functions, tmp_path, scheme, dtype):
+    from gemma3_export.exporters.coreml import save_function
+    from gemma3_export.runtimes.coreml import describe_package
+
+    save_function(load(functions[1]["decode"]), scheme, tmp_path / "decode.mlpackage")
+    d = describe_package(tmp_path / "decode.mlpackage")
+    n = weight_elements()
+    assert d["weight_elements"][dtype] == n  # every linear and the tied embedding, once
+    assert d["functions"]["main"]["op_types"] == {"constexpr_blockwise_shift_scale": 43}  # 7 x 6 + embedding
+    assert d["weight_elements"].get("float16", 0) < n / 16  # only the scales and small tensors stay fp16
+    scales = n // (32 if scheme == "int4b32" else 64) * 2
+    assert d["weight_file_bytes"] < 1.15 * (n * int(dtype[3:]) / 8 + scales) + 16_384
+
+
+def test_multifunction_package_stores_the_weights_once(functions, tmp_path):
+    from gemma3_export.exporters.coreml import save_function, save_package
+    from gemma3_export.runtimes.coreml import describe_package
+
+    paths = {name: save_function(load(p), "int4b32", tmp_path / f"{name}.mlpackage") for name, p in functions[1].items()}
+    single = describe_package(paths["decode"])["weight_file_bytes"]
+    save_package(paths, tmp_path / "model.mlpackage")
+    d = describe_package(tmp_path / "model.mlpackage")
+    assert set(d["functions"]) == {"prefill", "decode"} and d["default_function"] == "decode"
+    assert d["weights_shared"] and d["weight_elements"]["int4"] == weight_elements()
+    assert d["weight_file_bytes"] < 1.1 * single  # both functions, about one function's weights
+
+
+def test_package_structure_matches_manifest(fp16_bundle):
+    from gemma3_export.runtimes.coreml import check_package, describe_package
+
+    from gemma3_export.contract import check_manifest
+
+    out, m = fp16_bundle
+    check_manifest(m)  # the schema the mobile apps read
+    assert check_package(out / m["artifact"], m) == []
+    d = describe_package(out / m["artifact"])
+    for name, T in (("prefill", CHUNK), ("decode", 1)):
+        f = d["functions"][name]
+        assert [i["shape"] for i in f["inputs"]] == [[1, T], [1]]
+        assert f["outputs"] == [{"name": "logits", "shape": [1, 512], "dtype": "float32"}]
+        states = {s["name"]: s for s in f["states"]}
+        assert len(states) == 12  # one k and one v per layer
+        for layer in range(6):
+            slots = WINDOW if layer in LOCAL else CONTEXT  # local layers keep only their ring
+            for kind in "kv":
+                s = states[f"model_layers_{layer}_self_attn_cache_{kind}"]
+                assert s["shape"] == [1, 2, slots, 32] and s["dtype"] == "float16"
+    n = weight_elements()
+    assert d["weights_shared"] and n <= d["weight_elements"]["float16"] < 1.01 * n  # fp16, stored once
+    assert d["weight_file_bytes"] < 1.1 * 2 * n + 16_384
+    assert m["prefill_chunks"] == [CHUNK, 1] and m["cache_dtype"] == "float16"
+    assert m["target_info"]["minimum_deployment_target"] == "iOS18"
+
+
+def test_fp16_proxy_matches_fp32_eager_across_windows(fp16_bundle):
+    from gemma3_export.runtimes.coreml import PROXY_NOTE
+
+    _, m = fp16_bundle
+    v = m["validation"]
+    assert v["passed"] and v["runtime"] == PROXY_NOTE  # says Core ML itself was not run
+    vs_float = v["vs_float"]  # fp16 proxy vs the fp32 eager model
+    assert len(vs_float["bands"]) >= 3 and v["positions"] >= 3 * WINDOW
+    assert vs_float["max_abs"] < PROXY_MAX_ABS and vs_float["mean_abs"] < PROXY_MEAN_ABS
+    assert vs_float["top1"] == 1.0
+
+
+def test_numerics_report_in_manifest(fp16_bundle):
+    _, m = fp16_bundle
+    n = m["target_info"]["numerics"]
+    assert n["compute"] == "fp16" and n["fp32_blocks"] == [] and len(n["layers"]) == 6
+    for row in n["layers"]:
+        assert 0 < row["kv"] < 65504 / 4 and 0 < row["attention"] < 65504 / 4 and row["residual"] > 0
+
+
+def test_hf_tokenizer_json_matches_sentencepiece(fp16_bundle):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from gemma3_export.tokenizer import Tokenizer
+
+    out, m = fp16_bundle
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(m["files"])
+    hf, sp = HFTokenizer.from_file(str(out / "tokenizer.json")), Tokenizer(out / "tokenizer.model")
+    text = resources.files("gemma3_export").joinpath("data/validation.txt").read_text()
+    for sample in (text, "  two  spaces\n\n\ttab 12345 émoji 🙂"):
+        assert hf.encode(sample, add_special_tokens=False).ids == sp.encode(sample, bos=False)
+    assert hf.encode("<start_of_turn>user\nhi<end_of_turn>", add_special_tokens=False).ids[0] == 105
+
+
+def check_with(functions, **changes):
+    """The fp16 check on the traced tiny prefill with some weights replaced (no new trace)."""
+    from gemma3_export.numerics import GraphProxy, check_fp16
+
+    programs = {"prefill": functions[0]["prefill"]}
+    params = {**programs["prefill"].state_dict, **changes}
+    return check_fp16(lambda blocks: GraphProxy(programs, params, fp32_blocks=blocks), list(range(2, 2 + 2 * CHUNK)),
+                      CHUNK, 6, log=quiet)
+
+
+def test_numerics_check_fails_on_huge_norm_gain(functions):
+    gain = torch.full((64,), 1e5)  # layer 1's attention input passes fp16, and so do its values
+    with pytest.raises(UserError) as e:
+        check_with(functions, **{"model.layers.1.input_layernorm.weight": gain})
+    message = str(e.value)
+    assert message.startswith("Layer 1's key/value cache reaches") and message.count(". ") == 0
+    assert check_with(functions).fp32_blocks == []  # the same graph with normal weights passes
+
+
+def test_fp16_block_overflow_moves_that_block_to_fp32(functions):
+    """An MLP whose activations pass fp16 is kept in fp32; the rest stays fp16."""
+    name = "model.layers.3.mlp.up_proj.weight"
+    report = check_with(functions, **{name: functions[0]["prefill"].state_dict[name] * 1e5})
+    assert report.fp32_blocks == ["model.layers.3.mlp"]
+    assert report.layers[3]["mlp"] > 65504 / 4 and report.layers[2]["mlp"] < 100
+
+
+def test_fp32_compute_converts_without_fp16_ops(functions):
+    from gemma3_export.exporters import coreml as X
+
+    mlmodel = X.convert(functions[0]["decode"], 1, fp16=False, fp32_blocks=[])
+    ops = mlmodel._mil_program.functions["main"].operations
+    linears = [op for op in ops if op.op_type == "linear"]
+    assert len(linears) == 43 and all(op.outputs[0].dtype.__name__ == "fp32" for op in linears)
+    states = [op for op in ops if op.op_type == "coreml_update_state"]
+    assert len(states) == 12 and all(op.outputs[0].dtype.__name__ == "fp16" for op in states)
+
+
+def test_fp16_program_keeps_norms_and_residuals_in_fp32(functions):
+    from gemma3_export.exporters.coreml import _program
+
+    ops = _program(load(functions[1]["decode"])).functions["main"].operations
+
+    def dtypes_of(selected):
+        return {op.outputs[0].dtype.__name__ for op in selected}
+
+    def dtypes(op_type):
+        return dtypes_of(op for op in ops if op.op_type == op_type)
+
+    assert dtypes("rsqrt") == {"fp32"} and dtypes("reduce_mean") == {"fp32"}  # every RMSNorm
+    assert dtypes("linear") == {"fp16"} and dtypes("softmax") == {"fp16"}  # the blocks
+    hidden = [op for op in ops if op.op_type == "add" and tuple(op.outputs[0].shape) == (1, 1, 64)]
+    assert len(hidden) == 12 and dtypes_of(hidden) == {"fp32"}  # the two residual sums of each layer
+
+
+def test_simulate_puts_weights_on_the_package_grid():
+    from gemma3_export.exporters.coreml import simulate
+
+    model = tiny_model()
+    sim = simulate(model, "int4b32")
+    w = sim.model.layers[0].mlp.down_proj.weight  # [64, 128]: blocks of 32 along the input
+    for block in w.reshape(64, 4, 32).unbind(1):
+        levels = block / block.abs().amax(-1, keepdim=True) * 7  # symmetric int4: max |w| is level 7
+        assert torch.allclose(levels, levels.round(), atol=2e-2)
+    assert sim.lm_head.weight is sim.model.embed_tokens.weight  # still tied
+
+
+def test_bad_requests_are_one_sentence(monkeypatch):
+    import platform
+
+    from gemma3_export.exporters.coreml import convert
+    from gemma3_export.quant import check_scheme
+    from gemma3_export.runtimes.coreml import CoreMLRunner
+
+    with pytest.raises(UserError, match=r"^The KV cache is Core ML state, which needs iOS 18 or later; iOS17"):
+        convert(None, 1, True, [], target="iOS17")
+    with pytest.raises(UserError, match="^The coreml target does not take fp8 .Core ML has no fp8"):
+        check_scheme("coreml", "fp8")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    with pytest.raises(UserError, match="^Core ML runs only on macOS"):
+        CoreMLRunner.from_bundle(None, proxy=False)
+
