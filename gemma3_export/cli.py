@@ -15,7 +15,7 @@ from .errors import UserError
 from .pipeline import TARGETS
 from .quant import SCHEMES
 
-COMMANDS = ("export", "generate", "chat", "validate", "perplexity", "memory")
+COMMANDS = ("export", "generate", "chat", "validate", "perplexity", "memory", "qat")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, help="largest prefill chunk (default 128, at most the window)")
     p.add_argument("--out", help="bundle folder (default bundles/gemma3-MODEL-TARGET-QUANT)")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check")
+    p.add_argument("--recipe", help="TOML file whose [export] values are defaults; flags override them")
 
     p = sub.add_parser("generate", help="stream a continuation of a prompt")
     _add_source(p, required=False)
@@ -76,11 +77,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="memory of bundles beside the report's Table 3")
     p.add_argument("--bundle", action="append", default=[])
     p.add_argument("--context", type=int, default=32768)
+    _add_qat(sub)
     return parser
 
 
+def _add_qat(sub) -> None:
+    from .fake_quant import QAT_SCHEMES
+
+    p = sub.add_parser("qat", help="quantization-aware training distilled from the float model")
+    _add_source(p)
+    p.add_argument("--scheme", choices=QAT_SCHEMES, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True, help="checkpoint folder (exporters read it with --checkpoint)")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text or JSONL (\"text\" field) files")
+    p.add_argument("--self-generated", action="store_true", help="sample the data from the teacher (the default)")
+    p.add_argument("--samples", type=int, help="self-generated sequences (default min(steps x batch, 256))")
+    for flag, kind in (("--lr", float), ("--warmup-steps", int), ("--seq-len", int), ("--batch-size", int),
+                       ("--seed", int), ("--top-k", int), ("--save-every", int), ("--grad-clip", float)):
+        p.add_argument(flag, type=kind, help="default: see `qat.qat`")
+    p.add_argument("--resume", action="store_true", help="continue the training state in --out")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
+    p.add_argument("--freeze-embedding", action="store_true", help="do not train the tied embedding / LM head")
+    p.add_argument("--recipe", help="TOML file whose [qat] values are defaults; flags override them")
+
+
 def run(args: argparse.Namespace) -> int:
-    kw = {k: v for k, v in vars(args).items() if k != "command"}
+    kw = {k: v for k, v in vars(args).items() if k not in ("command", "recipe")}
     if args.command == "export":
         from .pipeline import export
 
@@ -105,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
         from .memory import memory_report
 
         memory_report(bundles=kw["bundle"], context=kw["context"], log=_log)
+    elif args.command == "qat":
+        from .qat import qat
+
+        qat(**{k: v for k, v in kw.items() if v is not None}, log=_log)
     return 0
 
 
@@ -113,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "export")  # `gemma3-export --model 1b --target coreml`
     try:
-        args = build_parser().parse_args(argv)
+        from .recipes import parse_args
+
+        args = parse_args(build_parser(), argv)
         if args.command is None:
             build_parser().print_help()
             return 2
