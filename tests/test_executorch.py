@@ -31,14 +31,18 @@ PROMPTS = ["the quick brown fox", "once upon a time there was a little", "hello 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """The tiny preset with its post-norm gains raised by 8. Random tiny weights otherwise predict the
-    token they were given (the tied embedding dominates), which makes any greedy comparison trivial;
-    this one's greedy choice differs from its input at most positions."""
-    model = tiny_model()
+    """The tiny preset made to talk: random tiny weights predict the token they were given (the tied
+    embedding dominates), which makes any greedy comparison trivial. Post-norm gains raised by 8 make
+    the greedy choice differ from the input at most positions; byte and control pieces get shorter
+    embedding rows so that continuations are plain text, which the stock runner's C++ tokenizer and
+    SentencePiece decode alike."""
+    model, sp = tiny_model(), load_model("tiny", log=lambda *_: None).tokenizer.sp
+    odd = [i for i in range(sp.get_piece_size()) if sp.is_byte(i) or sp.is_control(i) or sp.is_unused(i)]
     with torch.no_grad():
         for layer in model.model.layers:
             layer.post_attention_layernorm.weight += 8
             layer.post_feedforward_layernorm.weight += 8
+        model.model.embed_tokens.weight[odd] *= 0.3
     folder = tmp_path_factory.mktemp("talkative-tiny")
     save_hf_folder(model, folder)
     return folder
@@ -92,7 +96,7 @@ def test_fp32_pte_matches_eager_across_windows(fp32_bundle, loaded):
     ref = stepwise(EagerRunner(copy.deepcopy(loaded.model), CONTEXT, CHUNK), ids, SIZES)
     assert len(ref) == len(SIZES) + CONTEXT - sum(SIZES)  # positions up to 63: ~8 windows, ring wraps
     diff = np.abs(got - ref).max()
-    assert diff <= 1e-4, diff  # measured 1.5e-5 with logits up to ~60 (eager fp32 vs fp64: 1.3e-5)
+    assert diff <= 1e-4, diff  # measured 3.1e-5 with logits up to ~29 (XNNPACK's sums run in another order)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
@@ -165,8 +169,9 @@ def greedy_logits(runners: dict, prompts: list[str], tokenizer, new: int = 24) -
 
 def test_8da4w_pte_agrees_with_eager_8da4w(q_bundle, loaded):
     """The .pte against torchao's eager model on the same grid, and what the grid costs against float.
-    Most steps are bit-exact; a 1-ulp difference upstream sometimes flips the rounding of one dynamic
-    int8 activation, which this model's large norm gains spread to a few tenths of a logit."""
+    Not bit-exact: a 1-ulp difference upstream sometimes flips the rounding of one dynamic int8
+    activation, which stays in the cache and which this model's large norm gains spread to a few
+    tenths of a logit; a wrong lowering would be as large as the quantization's own effect."""
     logits = greedy_logits({
         "eager 8da4w": EagerRunner(et.simulate(copy.deepcopy(loaded.model), "8da4w"), CONTEXT, CHUNK),
         "pte": runner_of(q_bundle),
@@ -176,8 +181,8 @@ def test_8da4w_pte_agrees_with_eager_8da4w(q_bundle, loaded):
     top1 = (pte.argmax(-1) == sim.argmax(-1)).mean()
     assert top1 >= 0.95, top1  # measured 1.0
     off, cost = np.abs(pte - sim).max(), np.abs(flt - sim).max()
-    assert off <= 0.1 * cost, (off, cost)  # measured 0.51 vs 11.8; a wrong lowering is as large as the cost
-    assert (pte.argmax(-1) == flt.argmax(-1)).mean() >= 0.6  # random weights: most greedy tokens survive
+    assert off <= 0.1 * cost, (off, cost)  # measured 0.56 vs 11.2
+    assert (pte.argmax(-1) == flt.argmax(-1)).mean() >= 0.6  # measured 0.88: most greedy tokens survive
 
 
 # -- ExecuTorch's stock LLM runner (the C++ runner of the Android/iOS apps) -----------------------
@@ -193,11 +198,11 @@ def test_stock_runner_generates_our_greedy_tokens(which, fp32_bundle, q_bundle, 
     b = read_bundle(fp32_bundle if which == "fp32" else q_bundle)
     tok = loaded.tokenizer
     stock = TextLLMRunner(str(b.artifact), str(b.tokenizer_path))
-    ours = runner_of(b)
+    ours, seen = runner_of(b), set()
     for prompt in PROMPTS:  # prompts longer than one chunk: the stock runner prefills in chunks of 8
         assert len(tok.encode(prompt)) > CHUNK
         ids = list(generate(ours, tok.encode(prompt), 20, b.manifest["stop_ids"]))
-        assert len(set(ids)) >= 3, ids  # a meaningful comparison, not a repeated token
+        seen |= set(ids)
         for _ in range(2):  # the second time after the stock runner's own reset
             pieces = []
             config = GenerationConfig(echo=False, max_new_tokens=len(ids), temperature=0.0, num_bos=1)
@@ -205,6 +210,7 @@ def test_stock_runner_generates_our_greedy_tokens(which, fp32_bundle, q_bundle, 
             assert "".join(pieces) == tok.decode(ids)
             stock.reset()
         ours.reset()
+    assert len(seen) >= 5, seen  # a meaningful comparison, not one repeated token
 
 
 # -- quantization: isolated layers against torchao's eager modules --------------------------------
