@@ -212,8 +212,14 @@ def test_int4b32_stores_the_simulated_grid_once():
 
 @pytest.fixture(scope="module")
 def small():
-    """Two layers (local, global), the float graph with a separate head, and its spec."""
+    """Two layers (local, global), the float graph with a separate head, and its spec. The matrices
+    lie on a coarse grid, like a GGUF's: rounding ties everywhere, where rounding modes differ."""
     model = tiny_model(seed=2, num_hidden_layers=2, sliding_window_pattern=2)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for linear in [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
+            scale = 0.25 if linear is model.lm_head else 0.004  # the tied embedding needs the larger one
+            linear.weight.copy_(torch.randint(-16, 17, linear.weight.shape, generator=gen) * scale)
     spec = make_spec("tiny", "onnx", "int4b32", CONTEXT, CHUNK)
     return model, spec, onnx_export._torch_export(model, spec, "int4b32")
 

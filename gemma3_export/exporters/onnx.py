@@ -179,16 +179,20 @@ def block_for(scheme: str, k: int) -> int:
 
 def nbits_codes(w: Tensor, bits: int, block: int) -> tuple[Tensor, Tensor]:
     """Symmetric round-to-nearest of w [N, K] in blocks along K, exactly as onnxruntime's MatMulNBits
-    quantizer rounds (scale = the block's largest-magnitude value / -2^(bits-1); x * (1/scale), ties
-    away from zero). Returns codes [N, nb, block] (K zero-padded) and scales [N, nb, 1]."""
+    quantizer (MLAS `range2scale` + `roundf(x * (1 / scale) + zero_point)`) rounds: the scale is the
+    block's max if |max| > |min|, else its min, over -2^(bits-1); codes round half up after the
+    zero-point shift, in fp32. Real checkpoints (a GGUF's grid) hit those ties often.
+    Returns signed codes [N, nb, block] (K zero-padded) and scales [N, nb, 1]."""
     n, k = w.shape
     nb = -(-k // block)
     wb = F.pad(w.float(), (0, nb * block - k)).view(n, nb, block)
-    extreme = wb.gather(-1, wb.abs().argmax(-1, keepdim=True))  # [N, nb, 1]
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    scale = extreme / lo
-    x = wb * torch.where(scale == 0, 0, 1.0 / scale)
-    return (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(lo, hi), scale
+    hi, lo = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
+    zero = 2 ** (bits - 1)
+    scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -zero  # [N, nb, 1]
+    t = wb * torch.where(scale == 0, 0, 1.0 / scale) + zero  # fp32, in [0, 2^bits] up to rounding
+    t_floor = torch.floor(t)
+    q = (t_floor + (t - t_floor >= 0.5)).clamp(0, 2 * zero - 1)  # roundf: half away from 0 (t >= 0)
+    return q - zero, scale
 
 
 def fake_nbits(w: Tensor, bits: int, block: int) -> Tensor:
