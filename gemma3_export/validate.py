@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
@@ -63,18 +64,42 @@ def validation_ids(tokenizer, length: int) -> list[int]:
     return [i % tokenizer.vocab_size if i >= tokenizer.vocab_size else i for i in ids[:length]]
 
 
-def collect_logits(runner: Runner, ids: list[int], prefill: int) -> tuple[np.ndarray, np.ndarray]:
-    """Last-token logits after each prefill chunk of the first `prefill` ids, then after every decode
-    step of the rest; returns (positions [N], logits [N, vocab])."""
+def steps(runner: Runner, ids: list[int], prefill: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(position, last-token logits) after each prefill chunk of the first `prefill` ids, then after
+    every decode step of the rest."""
     runner.reset()
-    positions, logits = [], []
     for size in runner.chunk_plan(prefill):
-        logits.append(runner.prefill(ids[runner.pos : runner.pos + size]))
-        positions.append(runner.pos - 1)
+        logits = runner.prefill(ids[runner.pos : runner.pos + size])
+        yield runner.pos - 1, logits
     for token in ids[prefill:]:
-        logits.append(runner.decode(token))
-        positions.append(runner.pos - 1)
+        logits = runner.decode(token)
+        yield runner.pos - 1, logits
+
+
+def collect_logits(runner: Runner, ids: list[int], prefill: int) -> tuple[np.ndarray, np.ndarray]:
+    """All of `steps` at once: (positions [N], logits [N, vocab]) (small vocabularies only)."""
+    positions, logits = zip(*steps(runner, ids, prefill))
     return np.asarray(positions), np.stack(logits)
+
+
+def position_metrics(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per row of logits [N, V]: max abs diff, mean abs diff, top-1 agreement, KL(ref || got);
+    float64, a few rows at a time (a 262k vocabulary makes whole-array float64 copies huge)."""
+    ref, got = np.atleast_2d(ref), np.atleast_2d(got)
+    out = np.zeros((len(ref), 4))
+    for i in range(0, len(ref), 16):
+        r = torch.from_numpy(np.ascontiguousarray(ref[i : i + 16])).double()
+        g = torch.from_numpy(np.ascontiguousarray(got[i : i + 16])).double()
+        diff = (r - g).abs()
+        log_r, log_g = r.log_softmax(-1), g.log_softmax(-1)
+        kl = (log_r.exp() * (log_r - log_g)).sum(-1)
+        out[i : i + 16] = torch.stack([diff.amax(-1), diff.mean(-1), (r.argmax(-1) == g.argmax(-1)).double(), kl], -1).numpy()
+    return out
+
+
+def kl_divergence(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(got)) per row, in float64."""
+    return position_metrics(ref, got)[:, 3]
 
 
 @dataclass
@@ -90,24 +115,21 @@ class Band:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def kl_divergence(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) || softmax(got)) per row, in float64."""
-    ref_t, got_t = torch.from_numpy(ref).double(), torch.from_numpy(got).double()
-    return (ref_t.softmax(-1) * (ref_t.log_softmax(-1) - got_t.log_softmax(-1))).sum(-1).numpy()
+def bands(positions: np.ndarray, metrics: np.ndarray, window: int) -> list[Band]:
+    """Per window-sized band of positions: the worst max abs diff and the means of the rest."""
+    out = []
+    for start in range(0, int(positions.max()) + 1, window):
+        sel = (positions >= start) & (positions < start + window)
+        if sel.any():
+            m = metrics[sel]
+            out.append(Band(start, start + window, float(m[:, 0].max()), float(m[:, 1].mean()),
+                            float(m[:, 2].mean()), float(m[:, 3].mean())))
+    return out
 
 
 def compare(positions: np.ndarray, ref: np.ndarray, got: np.ndarray, window: int) -> list[Band]:
     """Max/mean abs diff, top-1 agreement and KL(ref || got), per window-sized band of positions."""
-    kl = kl_divergence(ref, got)
-    diff = np.abs(ref.astype(np.float64) - got)
-    top1 = ref.argmax(-1) == got.argmax(-1)
-    bands = []
-    for start in range(0, int(positions.max()) + 1, window):
-        sel = (positions >= start) & (positions < start + window)
-        if sel.any():
-            bands.append(Band(start, start + window, float(diff[sel].max()), float(diff[sel].mean()),
-                              float(top1[sel].mean()), float(kl[sel].mean())))
-    return bands
+    return bands(positions, position_metrics(ref, got), window)
 
 
 def summarize(bands: list[Band]) -> dict:
@@ -162,14 +184,22 @@ def validate_bundle(bundle, length: int | None = None, thresholds: Thresholds | 
     reference, ref_kind = reference_model(float_model, b)
     log(f"validating {b.path} ({b.target}, {scheme}) over {length} positions ({length / window:.1f} windows)")
     artifact = open_runner(b)
-    positions, got = collect_logits(artifact, ids, prefill)
-    _, ref = collect_logits(EagerRunner(reference, ctx, chunk), ids, prefill)
-    vs_reference = summarize(compare(positions, ref, got, window))
-    if reference is float_model:
-        vs_float = vs_reference
-    else:
-        _, flt = collect_logits(EagerRunner(float_model, ctx, chunk), ids, prefill)
-        vs_float = summarize(compare(positions, flt, got, window))
+    # The runners step in lockstep and only per-position figures are kept: O(vocab) memory.
+    runners = [artifact, EagerRunner(reference, ctx, chunk)]
+    if reference is not float_model:
+        runners.append(EagerRunner(float_model, ctx, chunk))
+    positions, vs_ref, vs_flt = [], [], []
+    for i, results in enumerate(zip(*(steps(r, ids, prefill) for r in runners))):
+        (pos, got), (_, ref) = results[0], results[1]
+        positions.append(pos)
+        vs_ref.append(position_metrics(ref, got)[0])
+        if len(results) > 2:
+            vs_flt.append(position_metrics(results[2][1], got)[0])
+        if (i + 1) % 256 == 0:
+            log(f"  {i + 1} steps")
+    positions = np.asarray(positions)
+    vs_reference = summarize(bands(positions, np.asarray(vs_ref), window))
+    vs_float = summarize(bands(positions, np.asarray(vs_flt), window)) if vs_flt else vs_reference
     limits = thresholds or thresholds_for(scheme, ref_kind)
     failures = judge(vs_reference, limits)
     summary = {
