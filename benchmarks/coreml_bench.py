@@ -44,6 +44,35 @@ print("RESULT " + json.dumps({"seconds": round(time.perf_counter() - t0, 1), **{
 """
 
 
+CONVERT_MEMORY = """
+import json, resource, sys, torch
+import numpy as np
+import coremltools as ct
+from gemma3_export.config import preset
+from gemma3_export.exporters import coreml as X
+from gemma3_export.weights import load_strict, random_state
+from gemma3_export.model import Gemma3ForCausalLM
+mode = sys.argv[1]
+config = preset("270m").replace(num_hidden_layers=4)  # the real embedding, 4 layers
+model = Gemma3ForCausalLM(config)
+load_strict(model, random_state(config, 0), "random")
+ep = X.trace(X.prepare(model.eval().requires_grad_(False), 256), 1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+if mode == "coremltools-check":  # the same conversion without the blockwise overflow test
+    from gemma3_export.numerics import op_selector, tag_precision
+    tag_precision(ep, [])
+    ct.convert(ep, minimum_deployment_target=ct.target.iOS18, skip_model_load=True,
+               compute_precision=ct.transform.FP16ComputePrecision(op_selector=op_selector),
+               inputs=[ct.TensorType(name="tokens", shape=(1, 1), dtype=np.int32),
+                       ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32)])
+else:
+    X.convert(ep, 1, mode == "fp16", [])
+weights = sum(p.numel() for p in model.parameters()) * 4 / 1e9
+print("RESULT " + json.dumps({"mode": mode, "fp32_weights_gb": round(weights, 2), "before_gb": round(before, 2),
+      "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}))
+"""
+
+
 def run(script: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -97,7 +126,14 @@ def main() -> None:
     p.add_argument("--schemes", nargs="+", default=["fp16", "int8", "int4", "int4b32"])
     p.add_argument("--validate-length", type=int, default=0, help="positions for the 270M fp16 proxy validation")
     p.add_argument("--json", help="write all results here")
+    p.add_argument("--conversion-memory", action="store_true",
+                   help="only: peak RSS converting a 4-layer 270M-shaped decode step, fp32 / fp16 / fp16 with "
+                        "coremltools' own overflow test")
     args = p.parse_args()
+    if args.conversion_memory:
+        for mode in ("fp32", "fp16", "coremltools-check"):
+            print(json.dumps(run(CONVERT_MEMORY, mode)))
+        return
     exports, validation = [], None
     for model in args.models:
         for scheme in args.schemes:

@@ -108,7 +108,8 @@ class GraphProxy:
     """
 
     def __init__(self, programs: dict[str, ExportedProgram], params: dict[str, Tensor] | None = None,
-                 fp16: bool = True, fp32_blocks: Iterable[str] = (), record: bool = False):
+                 fp16: bool = True, fp32_blocks: Iterable[str] = (), record: bool = False,
+                 round_weights: bool = True):
         self.programs, self.fp16, self.fp32_blocks, self.record = programs, fp16, set(fp32_blocks), record
         first = next(iter(programs.values()))
         self.params = dict(params if params is not None else first.state_dict)
@@ -116,19 +117,28 @@ class GraphProxy:
         self.state = {name: torch.zeros_like(_lifted(first, name), dtype=torch.float16) for name in mutated}
         self.maxima: dict[tuple[int | None, str], float] = {}
         self._plans = {name: self._plan(ep) for name, ep in programs.items()}
-        # Weights only fp16 ops read are rounded to fp16 once (kept as fp32 for fast matmuls).
+        # Weights only fp16 ops read are rounded to fp16 once (kept as fp32 for fast matmuls); without
+        # `round_weights` (no second copy of the weights) every call rounds them again.
+        self._rounded: set[int] = set()
+        if round_weights:
+            self._round_weights()
+
+    def _round_weights(self) -> None:
         readers: dict[str, set] = {}
-        for name, ep in programs.items():
+        for name, ep in self.programs.items():
             placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
             for spec in ep.graph_signature.input_specs:
                 if spec.kind == InputKind.PARAMETER:
                     dtypes = {self._plans[name]["dtypes"].get(u) for u in placeholders[spec.arg.name].users}
                     readers.setdefault(spec.target, set()).update(dtypes)
-        self._rounded = set()
+        done: dict[int, Tensor] = {}  # the tied embedding / LM head once
         for name, kinds in readers.items():
             if kinds == {torch.float16}:
-                self.params[name] = self.params[name].to(torch.float16).float()
-                self._rounded.add(id(self.params[name]))
+                source = self.params[name]
+                if id(source) not in done:
+                    done[id(source)] = source.to(torch.float16).float()
+                    self._rounded.add(id(done[id(source)]))
+                self.params[name] = done[id(source)]
 
     def _plan(self, ep: ExportedProgram) -> dict:
         boundary = {}
