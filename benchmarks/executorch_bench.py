@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -71,8 +70,8 @@ for _ in range(repeats):
     for _ in range(new):
         logits = runner.decode(int(np.argmax(logits)))
     decode.append(new / (time.perf_counter() - t))
-print(json.dumps({"load_s": load_s, "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-                  "prompt_tokens": len(ids), "decode_tokens": new,
+print(json.dumps({"load_s": load_s, "prefill_tok_s": statistics.median(prefill),
+                  "decode_tok_s": statistics.median(decode), "prompt_tokens": len(ids), "decode_tokens": new,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}))
 """
 
@@ -87,7 +86,8 @@ _unsafe_reset_threadpool(int(sys.argv[2]))
 runner = TextLLMRunner(str(b.artifact), str(b.tokenizer_path))
 pieces, stats = [], []
 config = GenerationConfig(echo=False, max_new_tokens=int(sys.argv[4]), temperature=0.0, num_bos=1)
-runner.generate(sys.argv[3], config, token_callback=pieces.append, stats_callback=lambda s: stats.append(s.to_json_string()))
+runner.generate(sys.argv[3], config, token_callback=pieces.append,
+                stats_callback=lambda s: stats.append(s.to_json_string()))
 s = json.loads(stats[-1])
 print(json.dumps({"text": "".join(pieces), "stats": s,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}))
@@ -117,7 +117,7 @@ def bench_scheme(args, scheme: str, target: str = "executorch") -> dict:
     if target == "executorch":
         row["stock"] = child(STOCK, str(out), str(args.threads), PROMPT, "16")
         print(f"[{scheme}] stock runner: {row['stock']['text']!r}", flush=True)
-    if not args.no_parity:
+    if not args.no_parity and target == "executorch":  # onnx parity: benchmarks/onnx_bench.py
         row["parity"] = child(VALIDATE, str(out), str(args.parity_positions))
         vf = row["parity"]["vs_float"]
         print(f"[{target} {scheme}] vs float: top-1 {vf['top1']:.3f} (worst band), KL {vf['kl']:.3g} (worst band), "
@@ -127,8 +127,8 @@ def bench_scheme(args, scheme: str, target: str = "executorch") -> dict:
 
 def table(rows: list[dict]) -> str:
     base = rows[0]
-    lines = ["| target | scheme | artifact MB | export s (load excl.) | export peak RSS MB | prefill tok/s | decode tok/s "
-             "| run peak RSS MB | top-1 vs float | KL vs float |", "|---" * 10 + "|"]
+    lines = ["| target | scheme | artifact MB | export s (load excl.) | export peak RSS MB | prefill tok/s "
+             "| decode tok/s | run peak RSS MB | top-1 vs float | KL vs float |", "|---" * 10 + "|"]
     for r in rows:
         e, s = r["export"], r.get("speed")
         p = r.get("parity", {}).get("vs_float")

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PROMPT, DECODE = 512, 64
+PARTS = ["parity", "speed", "binding", "fp16"]
 
 
 def run_child(argv: list[str]) -> tuple[str, float]:
@@ -39,6 +40,15 @@ def run_child(argv: list[str]) -> tuple[str, float]:
     return proc.stdout, time.perf_counter() - start
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM: per address space, so a parent's size before the exec
+    does not count, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) * 1024 / 1e9, 3)
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def export_bundle(work: Path, quant: str, model: str = "270m", name: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     out = work / f"{model}-{name or quant}"
     stdout, wall = run_child(["--child-export", model, quant, str(out), *extra])
@@ -47,8 +57,6 @@ def export_bundle(work: Path, quant: str, model: str = "270m", name: str | None 
 
 def child_export(model: str, quant: str, out: str, extra: list[str]) -> None:
     """In the child: the export through the CLI's library function, peak RSS from the kernel."""
-    import resource
-
     from gemma3_export.pipeline import export
 
     kw = {"context": 2048, "chunk": 128}
@@ -59,13 +67,11 @@ def child_export(model: str, quant: str, out: str, extra: list[str]) -> None:
     export(model=model, target="onnx", quant=quant, out=out, validate=False, log=lambda m: print(m, file=sys.stderr), **kw)
     size = sum(p.stat().st_size for p in Path(out).iterdir() if p.name != "tokenizer.model" and p.name != "manifest.json")
     print(json.dumps({"export_s": round(time.perf_counter() - start, 1), "artifact_gb": round(size / 1e9, 3),
-                      "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)}))
+                      "peak_rss_gb": peak_rss_gb()}))
 
 
 def child_speed(source: str, threads: int) -> None:
     """In the child: prefill and decode tokens/s of the eager model ("eager") or a bundle."""
-    import resource
-
     import numpy as np
 
     ids = [2] + np.random.default_rng(0).integers(300, 200000, PROMPT - 1).tolist()
@@ -92,8 +98,7 @@ def child_speed(source: str, threads: int) -> None:
     for _ in range(DECODE):
         token = int(np.argmax(runner.decode(token)))
     decode = time.perf_counter() - start
-    print(json.dumps({"prefill_tok_s": PROMPT / prefill, "decode_tok_s": DECODE / decode,
-                      "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
+    print(json.dumps({"prefill_tok_s": PROMPT / prefill, "decode_tok_s": DECODE / decode, "peak_rss_gb": peak_rss_gb()}))
 
 
 def child_binding(bundle: str, threads: int) -> None:
@@ -181,7 +186,11 @@ def speed(source: str, threads: int, repeats: int) -> dict:
 
 
 def parity(bundle: str) -> dict:
+    import torch
+
     from gemma3_export.validate import validate_bundle
+
+    torch.set_num_threads(1)  # the eager reference: two contended threads were 4x slower than one
 
     s = validate_bundle(bundle, log=lambda m: print(m, file=sys.stderr))
     pick = lambda d: {k: d[k] for k in ("max_abs", "mean_abs", "top1", "kl")}  # noqa: E731
@@ -197,6 +206,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-export", action="store_true", help="reuse the bundles in --work")
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="rerun some parts, keep the rest of --json")
     p.add_argument("--child-export", nargs="+")
     p.add_argument("--child-speed", nargs=2)
     p.add_argument("--child-binding", nargs=2)
@@ -213,23 +223,34 @@ def main() -> None:
 
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"threads": args.threads, "machine": f"{os.cpu_count()} CPUs", "exports": {}}
+    out = ROOT / args.json
+    results: dict = json.loads(out.read_text()) if args.parts != PARTS and out.exists() else {}
+    results.update({"threads": args.threads, "machine": f"{os.cpu_count()} CPUs"})
+    log_path = work / "exports.json"  # export figures survive a rerun with --skip-export
+    exports = json.loads(log_path.read_text()) if log_path.exists() else {}
     for name, quant, extra in (("fp32", "fp32", ()), ("int4b32", "int4b32", ()),
                                ("int4b32-32k", "int4b32", ("context=32768",))):
         if not (args.skip_export and (work / f"270m-{name}" / "manifest.json").exists()):
-            results["exports"][name] = export_bundle(work, quant, name=name, extra=extra)
-            print(f"export {name}: {results['exports'][name]}", file=sys.stderr)
-    results["parity"] = {q: parity(str(work / f"270m-{q}")) for q in ("fp32", "int4b32")}
-    print(f"parity: {json.dumps(results['parity'], indent=1)[:2000]}", file=sys.stderr)
-    results["speed"] = {name: speed(src, args.threads, args.repeats)
-                        for name, src in (("eager", "eager"), ("onnx fp32", str(work / "270m-fp32")),
-                                          ("onnx int4b32", str(work / "270m-int4b32")))}
-    print(f"speed: {results['speed']}", file=sys.stderr)
-    for name in ("int4b32", "int4b32-32k"):  # context 2048 and 32768: the cache is 28 MB and 217 MB
-        stdout, _ = run_child(["--child-binding", str(work / f"270m-{name}"), str(args.threads)])
-        results[f"cache_binding_{name}"] = json.loads(stdout.splitlines()[-1])
-        print(f"binding {name}: {results[f'cache_binding_{name}']}", file=sys.stderr)
-    results["fp16_headroom"] = json.loads(run_child(["--child-fp16"])[0].splitlines()[-1])
+            exports[name] = export_bundle(work, quant, name=name, extra=extra)
+            log_path.write_text(json.dumps(exports, indent=2))
+            print(f"export {name}: {exports[name]}", file=sys.stderr)
+    results["exports"] = exports
+    if "parity" in args.parts:
+        results["parity"] = {q: parity(str(work / f"270m-{q}")) for q in ("fp32", "int4b32")}
+        print(f"parity: {json.dumps(results['parity'], indent=1)[:2000]}", file=sys.stderr)
+    if "speed" in args.parts:
+        results["speed"] = {name: speed(src, args.threads, args.repeats)
+                            for name, src in (("eager", "eager"), ("onnx fp32", str(work / "270m-fp32")),
+                                              ("onnx int4b32", str(work / "270m-int4b32")))}
+        print(f"speed: {results['speed']}", file=sys.stderr)
+    if "binding" in args.parts:
+        for name in ("int4b32", "int4b32-32k"):  # context 2048 and 32768: the cache is 28 MB and 217 MB
+            stdout, _ = run_child(["--child-binding", str(work / f"270m-{name}"), str(args.threads)])
+            results[f"cache_binding_{name}"] = json.loads(stdout.splitlines()[-1])
+            print(f"binding {name}: {results[f'cache_binding_{name}']}", file=sys.stderr)
+    if "fp16" in args.parts:
+        results["fp16_headroom"] = json.loads(run_child(["--child-fp16"])[0].splitlines()[-1])
+    results["load_average_at_end"] = os.getloadavg()
     out = ROOT / args.json
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

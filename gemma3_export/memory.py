@@ -15,6 +15,7 @@ Per size (270m, 1b, 4b, 12b, 27b) and column (bf16, int4, int4 blocks of 32, 8-b
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,10 @@ def analytic_rows(context: int) -> list[dict]:
 def measure_bundle(bundle: str | Path, tokens: int, threads: int = 2) -> dict:
     """Artifact bytes and resident memory of the bundle's onnxruntime session, in a fresh process."""
     code = f"import json, sys; from gemma3_export.memory import _measure_here; print(json.dumps(_measure_here({str(bundle)!r}, {tokens}, {threads})))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # The child imports this very package, wherever the installed one points.
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {bundle} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..model import MLP, Gemma3ForCausalLM
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
     from ..pipeline import ExportSpec
 
 ARTIFACT = "model.pte"
-END_OF_TURN_ID = 106  # Gemma 3's <end_of_turn> (GEMMA3.md); <eos> comes from the config
+STOP_IDS = (1, 106)  # Gemma 3's <eos> and <end_of_turn> (GEMMA3.md): an artifact carries both
 CACHE_BUFFERS = "self_attn_cache_"  # placeholder names b_model_layers_{i}_self_attn_cache_{k,v}
 
 
@@ -97,7 +96,7 @@ def metadata(model: Gemma3ForCausalLM, context: int, chunk: int) -> dict[str, ob
         "get_max_context_len": context,
         "get_vocab_size": c.vocab_size,
         "get_bos_id": c.bos_token_id,
-        "get_eos_ids": [c.eos_token_id, END_OF_TURN_ID],
+        "get_eos_ids": sorted({*STOP_IDS, c.eos_token_id}),
         "use_kv_cache": True,
         "enable_dynamic_shape": chunk > 1,
     }
