@@ -118,6 +118,7 @@ def example_manifest(target: str) -> dict:
         "quant": asdict(check_scheme(target, None)),
         "cache": cache_layout(config, ctx, cache_dtype),
         "tokenizer": "tokenizer.model",
+        "hf_tokenizer": ["tokenizer.json", "tokenizer_config.json"],
         "bos_id": 2,
         "stop_ids": [1, 106],
         "chat_template": CHAT_TEMPLATE,
@@ -133,21 +134,20 @@ def example_manifest(target: str) -> dict:
         common["outputs"] += [{"name": nm.replace("_cache_", "_cache_out_"), "shape": shape, "dtype": "float32"}
                               for nm, shape in caches]
         extra = {"artifact": "model.onnx", "target_info": {"opset": 21, "layers": n}}
-        files = ["model.onnx", "tokenizer.model"]
+        files = ["model.onnx"]
     elif target == "executorch":
         metadata = {"get_max_seq_len": C, "get_max_context_len": ctx, "get_vocab_size": vocab, "get_bos_id": 2,
                     "get_eos_ids": [1, 106], "use_kv_cache": True, "enable_dynamic_shape": C > 1}
         extra = {"artifact": "model.pte", "target_info": {"method": "forward", "backend": "XNNPACK", "metadata": metadata}}
-        files = ["model.pte", "tokenizer.model"]
+        files = ["model.pte"]
     elif target == "coreml":
         extra = {"artifact": "model.mlpackage", "prefill_chunks": [C, 1],
-                 "hf_tokenizer": ["tokenizer.json", "tokenizer_config.json"],
                  "target_info": {"minimum_deployment_target": "iOS18",
                                  "functions": {"prefill": {"T": C}, "decode": {"T": 1}}}}
-        files = ["model.mlpackage/Manifest.json", "model.mlpackage/Data/com.apple.CoreML/model.mlmodel",
-                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
+        files = ["model.mlpackage/Manifest.json", "model.mlpackage/Data/com.apple.CoreML/model.mlmodel"]
     else:
         raise ValueError(target)
+    files += ["tokenizer.model", "tokenizer.json", "tokenizer_config.json"]
     return {**common, **extra, "files": {f: empty for f in sorted(files)},
             "versions": {"gemma3-export": "example", "python": "example"}}
 

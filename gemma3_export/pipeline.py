@@ -21,7 +21,7 @@ from .bundle import Bundle, cache_layout, read_bundle, staged, write_manifest
 from .config import preset
 from .errors import UserError
 from .quant import Scheme, check_scheme
-from .tokenizer import CHAT_TEMPLATE
+from .tokenizer import CHAT_TEMPLATE, write_hf_tokenizer
 
 EXPORTERS = {
     "onnx": "gemma3_export.exporters.onnx:export",
@@ -97,6 +97,8 @@ def export(
         log(f"exporting {model} to {target} ({spec.scheme.name}, context {spec.context}, chunk {spec.chunk})")
         info = exporter(loaded.model, folder, spec, log)
         loaded.tokenizer.save(folder / "tokenizer.model")
+        log("  writing the tokenizer as tokenizer.json (for the apps' runtimes)")
+        hf_tokenizer = write_hf_tokenizer(loaded.tokenizer, folder)
         write_manifest(folder, {
             "target": target,
             "model": model,
@@ -113,6 +115,7 @@ def export(
             "quant": asdict(spec.scheme),
             "cache": cache_layout(config, spec.context, info.get("cache_dtype", "float32")),
             "tokenizer": "tokenizer.model",
+            "hf_tokenizer": hf_tokenizer,
             "bos_id": loaded.tokenizer.bos_id,
             "stop_ids": list(loaded.tokenizer.stop_ids),
             "chat_template": CHAT_TEMPLATE,

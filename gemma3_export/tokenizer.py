@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import codecs
 import functools
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -195,6 +198,26 @@ class Tokenizer:
         out.write_bytes(self._proto)
         return out
 
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def write_hf_tokenizer(tokenizer: Tokenizer, folder: str | os.PathLike[str]) -> list[str]:
+    """Write the tokenizer in Hugging Face form (tokenizer.json + tokenizer_config.json, with the chat
+    template) into `folder`: what ExecuTorch's C++ runner, swift-transformers and `tokenizers` read.
+    transformers converts the SentencePiece model; returns the file names written."""
+    from transformers import GemmaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(Path(tmp) / "tokenizer.model")
+        GemmaTokenizer.from_pretrained(tmp).save_pretrained(Path(tmp) / "hf")
+        shutil.copy(Path(tmp) / "hf" / "tokenizer.json", Path(folder) / "tokenizer.json")
+        # The template inside tokenizer_config.json, as Google's checkpoints ship it (transformers 5
+        # would write a separate chat_template.jinja, which older readers do not look for).
+        config = json.loads((Path(tmp) / "hf" / "tokenizer_config.json").read_text())
+        config["chat_template"] = CHAT_TEMPLATE
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return list(HF_TOKENIZER_FILES)
 
 class StreamDecoder:
     """Incremental detokenizer: `push(id)` returns only text completed by that id (no partial UTF-8)."""

@@ -45,3 +45,22 @@ def real_270m():
 def _threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_of(tmp_path_factory):
+    """`tiny_bundle_of(target, quant, context, chunk)`: a tiny bundle written by pipeline.export (the
+    user's path), once per test session for each combination."""
+    from gemma3_export import pipeline
+
+    bundles = {}
+
+    def get(target: str, quant: str | None = None, context: int = 128, chunk: int = 8):
+        key = (target, quant, context, chunk)
+        if key not in bundles:
+            out = tmp_path_factory.mktemp(f"tiny-{target}-{quant}") / "bundle"
+            bundles[key] = pipeline.export(model="tiny", target=target, quant=quant, context=context, chunk=chunk,
+                                           out=out, validate=False, log=lambda *_: None)
+        return bundles[key]
+
+    return get

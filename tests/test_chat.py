@@ -15,10 +15,20 @@ def loaded():
     return load_model("tiny", log=lambda *_: None)
 
 
-@pytest.mark.parametrize("max_new", [5, 25])
-def test_second_turn_reuses_the_cache(loaded, max_new):
+def open_runner(runtime: str, model, tiny_bundle_of):
+    """A fresh runner over the tiny model: eager, or a bundle of the runtime (context 128, chunk 8)."""
+    if runtime == "eager":
+        return EagerRunner(model, 128, 8)
+    from gemma3_export.pipeline import open_runner as open_bundle
+
+    return open_bundle(tiny_bundle_of(runtime))
+
+
+@pytest.mark.parametrize("runtime,max_new", [("eager", 5), ("eager", 25), ("onnx", 25), ("executorch", 25)])
+def test_second_turn_reuses_the_cache(loaded, tiny_bundle_of, runtime, max_new):
+    """The desktop twin of the apps (`gemma3-export chat`) over each runtime the phones use."""
     model, tok = loaded.model, loaded.tokenizer
-    runner = EagerRunner(model, 128, 8)
+    runner = open_runner(runtime, model, tiny_bundle_of)
     conv = Conversation(runner, tok)
     sampling = Sampling()
     first, _ = conv.say("The lighthouse keeper climbed the stairs.", max_new, sampling, out=io.StringIO())
@@ -30,7 +40,7 @@ def test_second_turn_reuses_the_cache(loaded, max_new):
     fed_in_turn_two = conv.fed[before:before + len(ids)]
     assert fed_in_turn_two == ids  # only the new tokens were prefilled
     assert ids[0] != tok.bos_id and tok.id_of("<start_of_turn>") in ids
-    fresh = EagerRunner(model, 128, 8)
+    fresh = open_runner(runtime, model, tiny_bundle_of)
     assert list(generate(fresh, history, max_new, tok.stop_ids, Sampling())) == second
 
 

@@ -74,7 +74,9 @@ def test_exported_manifest_validates_and_matches_the_example(onnx_bundle):
     assert read_bundle(onnx_bundle, verify=True).manifest == manifest
     example = contract.example_manifest("onnx")
     assert set(example) == set(manifest) - {"validation"}  # the example has every field an export writes
-    for key in ("inputs", "outputs", "cache", "prefill_chunks", "bos_id", "stop_ids", "chat_template", "config"):
+    assert set(example["files"]) == set(manifest["files"])  # tokenizer.json and its config included
+    for key in ("inputs", "outputs", "cache", "prefill_chunks", "bos_id", "stop_ids", "chat_template", "config",
+                "hf_tokenizer"):
         assert example[key] == manifest[key], key
 
 

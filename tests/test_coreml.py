@@ -133,20 +133,6 @@ def test_numerics_report_in_manifest(fp16_bundle):
         assert 0 < row["kv"] < 65504 / 4 and 0 < row["attention"] < 65504 / 4 and row["residual"] > 0
 
 
-def test_hf_tokenizer_json_matches_sentencepiece(fp16_bundle):
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from gemma3_export.tokenizer import Tokenizer
-
-    out, m = fp16_bundle
-    assert {"tokenizer.json", "tokenizer_config.json"} <= set(m["files"])
-    hf, sp = HFTokenizer.from_file(str(out / "tokenizer.json")), Tokenizer(out / "tokenizer.model")
-    text = resources.files("gemma3_export").joinpath("data/validation.txt").read_text()
-    for sample in (text, "  two  spaces\n\n\ttab 12345 émoji 🙂"):
-        assert hf.encode(sample, add_special_tokens=False).ids == sp.encode(sample, bos=False)
-    assert hf.encode("<start_of_turn>user\nhi<end_of_turn>", add_special_tokens=False).ids[0] == 105
-
-
 def check_with(functions, **changes):
     """The fp16 check on the traced tiny prefill with some weights replaced (no new trace)."""
     from gemma3_export.numerics import GraphProxy, check_fp16

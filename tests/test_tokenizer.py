@@ -19,6 +19,7 @@ from gemma3_export.tokenizer import (
     encode_chat,
     format_chat,
     sentencepiece_model_from_gguf,
+    write_hf_tokenizer,
 )
 
 TEXTS = {
@@ -232,3 +233,26 @@ def test_stream_decoder(tok: Tokenizer) -> None:
     # The byte-fallback emoji comes out whole, on its last byte.
     start = ids.index(tok.id_of("<0xF0>"))
     assert chunks[start:start + 4] == ["", "", "", "🫨"]
+
+
+def test_hf_tokenizer_files_match_sentencepiece(tok: Tokenizer, tmp_path) -> None:
+    """Every bundle carries tokenizer.json (ExecuTorch's C++ runner and swift-transformers read it):
+    same ids as SentencePiece, control tokens parsed by name, the chat template alongside."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+
+    assert write_hf_tokenizer(tok, tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in TEXTS.values():
+        assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text, bos=False), text
+    rendered = format_chat([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."},
+                            {"role": "user", "content": "Count to 3."}])
+    assert hf.encode(rendered, add_special_tokens=False).ids == encode_chat(
+        tok, [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Count to 3."}])
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    assert auto.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+                                    add_generation_prompt=True) == format_chat([{"role": "user", "content": "Hi there"}])

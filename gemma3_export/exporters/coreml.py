@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -221,25 +220,6 @@ def save_package(paths: dict[str, Path], out: Path) -> None:
     ct.utils.save_multifunction(desc, str(out))
 
 
-# -- tokenizer in Hugging Face form --------------------------------------------------------------
-
-def write_hf_tokenizer(tokenizer, folder: Path) -> list[str]:
-    """tokenizer.json and tokenizer_config.json (what swift-transformers and `tokenizers` read)."""
-    from transformers import GemmaTokenizer
-
-    from ..tokenizer import CHAT_TEMPLATE
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(Path(tmp) / "tokenizer.model")
-        hf = GemmaTokenizer.from_pretrained(tmp)
-        hf.chat_template = CHAT_TEMPLATE
-        hf.save_pretrained(Path(tmp) / "hf")
-        names = ["tokenizer.json", "tokenizer_config.json"]
-        for name in names:
-            shutil.copy(Path(tmp) / "hf" / name, folder / name)
-    return names
-
-
 def _default_tokenizer(config):
     from ..load import _tokenizer_for
 
@@ -249,7 +229,7 @@ def _default_tokenizer(config):
 # -- the exporter -------------------------------------------------------------------------------
 
 def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=None) -> dict:
-    """Write `model.mlpackage` (+ the tokenizer as tokenizer.json) into `folder`; see the module doc.
+    """Write `model.mlpackage` into `folder`; see the module doc.
 
     The model's caches are replaced by fp16 Core ML caches (in place). `tokenizer` encodes the check
     text (default: the preset's vocabulary)."""
@@ -272,12 +252,11 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
             del mlmodel  # one function's weights in memory at a time
             log(f"  converted {name} in {time.perf_counter() - t0:.1f} s")
         save_package(paths, folder / ARTIFACT)
-    extra = write_hf_tokenizer(tokenizer, folder)
     package = describe_package(folder / ARTIFACT)
     log(f"  wrote {ARTIFACT} ({package['size_bytes'] / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     fields = _manifest_fields(package, report, scheme, C)
     fields["target_info"]["export_seconds"] = round(time.perf_counter() - start, 1)
-    return {**fields, "hf_tokenizer": extra}
+    return fields
 
 
 def check_numerics(programs: dict, scheme: str, tokenizer, context: int, chunk: int, log=print):

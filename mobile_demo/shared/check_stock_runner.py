@@ -34,7 +34,7 @@ def check(bundle_dir: str, max_new_tokens: int = 6, log=print) -> list[dict]:
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     from gemma3_export.bundle import read_bundle
-    from gemma3_export.exporters.coreml import write_hf_tokenizer
+    from gemma3_export.tokenizer import write_hf_tokenizer
     from gemma3_export.generate import generate
     from gemma3_export.pipeline import open_runner
     from gemma3_export.tokenizer import END_OF_TURN, Tokenizer, _chat_parts, encode_chat, format_chat

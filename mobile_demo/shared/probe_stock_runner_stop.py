@@ -20,7 +20,7 @@ import torch
 def probe() -> dict[str, list[str]]:
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    from gemma3_export.exporters.coreml import write_hf_tokenizer
+    from gemma3_export.tokenizer import write_hf_tokenizer
     from gemma3_export.exporters.executorch import export
     from gemma3_export.generate import EagerRunner
     from gemma3_export.load import load_model

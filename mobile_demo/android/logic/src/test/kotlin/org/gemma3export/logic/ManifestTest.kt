@@ -61,8 +61,11 @@ class ManifestTest {
         assertEquals("tokenizer.json", coreml.runnerTokenizer())
         expectRefusal { coreml.requireTarget("executorch") }
         expectRefusal { coreml.checkStockRunner() }
-        // The ExecuTorch example, like the exporter today, ships only tokenizer.model: refused for chat.
-        expectRefusal { et.runnerTokenizer() }
+        assertEquals("tokenizer.json", et.runnerTokenizer())
+        // A bundle from before every export carried tokenizer.json: refused for chat, in one sentence.
+        val old = LinkedHashMap(valid[1])
+        old.remove("hf_tokenizer")
+        expectRefusal { BundleManifest.from(old).runnerTokenizer() }
     }
 
     @Test
