@@ -251,8 +251,9 @@ class QuantGrid:
         q = codes.float().view(codes.shape[0], -1, block)  # [N, K / block, block]
         return ((q - zp[..., None]) * scale[..., None]).view(codes.shape)
 
-    def torchao_tensor(self, name: str, activations: bool = True) -> Tensor:
-        """The weight as the tensor `convert` makes (IntxUnpackedToInt8Tensor / Float8Tensor)."""
+    def torchao_tensor(self, name: str, activations: bool = True, scale_dtype=None) -> Tensor:
+        """The weight as the tensor `convert` makes (IntxUnpackedToInt8Tensor / Float8Tensor);
+        `scale_dtype` stores the int scales in another dtype (XNNPACK keeps int4 scales as bf16)."""
         codes, scale = self.codes[name], self.scales[name]
         if self.scheme.dtype != "int4":
             return _float8_tensor(codes, scale)
@@ -261,6 +262,7 @@ class QuantGrid:
 
         act = "int8_asym_per_token" if activations and self.scheme.dynamic_activations else None
         block = (1, codes.shape[-1] // scale.shape[-1])
+        scale = scale if scale_dtype is None else scale.to(scale_dtype)
         return IntxUnpackedToInt8Tensor(codes, scale, self.zero_points[name], torch.int4, block, torch.float32, act)
 
 
@@ -353,9 +355,10 @@ def read_grid(folder: str | Path) -> QuantGrid | None:
     return g
 
 
-def quantize_from_grid(model: nn.Module, g: QuantGrid) -> nn.Module:
+def quantize_from_grid(model: nn.Module, g: QuantGrid, linear_scale_dtype=None) -> nn.Module:
     """Give a float model's linears and embedding the grid's torchao tensors (no re-rounding), in place.
-    The LM head gets its own tensor (with the scheme's activation quantization); the tie is not kept."""
+    The LM head gets its own tensor (with the scheme's activation quantization); the tie is not kept.
+    `linear_scale_dtype`: the linears' scales in another dtype (XNNPACK keeps int4 scales as bf16)."""
     import torch
     from torch import nn
 
@@ -372,5 +375,6 @@ def quantize_from_grid(model: nn.Module, g: QuantGrid) -> nn.Module:
             if tuple(g.codes[key].shape) != tuple(mod.weight.shape):
                 raise UserError(f"The quantization grid's {key} is {tuple(g.codes[key].shape)}, the model's {tuple(mod.weight.shape)}.")
             act = isinstance(mod, nn.Linear)
-            mod.weight = nn.Parameter(g.torchao_tensor(key, activations=act), requires_grad=False)
+            scale_dtype = linear_scale_dtype if act else None
+            mod.weight = nn.Parameter(g.torchao_tensor(key, activations=act, scale_dtype=scale_dtype), requires_grad=False)
     return model

@@ -18,6 +18,7 @@ import torch
 
 from .config import Gemma3Config, preset
 from .errors import UserError
+from .fake_quant import QuantGrid, read_grid
 from .model import Gemma3ForCausalLM
 from .tokenizer import Tokenizer, load_gguf_tokenizer, tiny_tokenizer
 from .weights import config_from_gguf, load_gguf_state, load_hf_state, load_strict, open_gguf, random_state
@@ -28,6 +29,7 @@ class Loaded:
     model: Gemma3ForCausalLM
     tokenizer: Tokenizer
     source: str  # what the weights are, for the manifest and progress lines
+    grid: QuantGrid | None = None  # a QAT checkpoint's integer grid (quantization.json), exported as is
 
 
 def load_model(
@@ -93,7 +95,7 @@ def _from_hf_folder(wanted: Gemma3Config, model: str, folder: Path) -> Loaded:
     state = load_hf_state(folder)
     tok_path = folder / "tokenizer.model"
     tokenizer = Tokenizer(tok_path) if tok_path.exists() else _tokenizer_for(config)
-    return Loaded(_build(config, state, str(folder)), tokenizer, str(folder))
+    return Loaded(_build(config, state, str(folder)), tokenizer, str(folder), grid=read_grid(folder))
 
 
 def _from_checkpoint(wanted: Gemma3Config, model: str, checkpoint: str) -> Loaded:

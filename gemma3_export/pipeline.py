@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .bundle import Bundle, cache_layout, read_bundle, staged, write_manifest
 from .config import preset
 from .errors import UserError
-from .quant import Scheme, check_scheme
+from .quant import SCHEMES, Scheme, check_scheme
 from .tokenizer import CHAT_TEMPLATE, write_hf_tokenizer
 
 EXPORTERS = {
@@ -35,6 +36,12 @@ RUNTIMES = {
     "coreml": "gemma3_export.runtimes.coreml:CoreMLRunner",
 }
 TARGETS = tuple(EXPORTERS)
+# A QAT checkpoint's grid (fake_quant.QATScheme name) -> the export scheme that stores it exactly, per
+# target. Core ML is absent: coremltools computes its own scales (docs/qat.md).
+GRID_SCHEMES = {
+    "onnx": {"int4": "int4", "int4b32": "int4b32", "fp8": "fp8"},
+    "executorch": {"8da4w": "8da4w"},
+}
 DEFAULT_CONTEXT = 2048
 DEFAULT_CHUNK = 128
 
@@ -53,6 +60,11 @@ class ExportSpec:
     context: int
     chunk: int
     scheme: Scheme
+    grid: QuantGrid | None = None  # a QAT checkpoint's codes and scales, stored as they are
+
+
+if TYPE_CHECKING:
+    from .fake_quant import QuantGrid
 
 
 def make_spec(model: str, target: str, quant: str | None, context: int | None, chunk: int | None) -> ExportSpec:
@@ -71,6 +83,24 @@ def make_spec(model: str, target: str, quant: str | None, context: int | None, c
             f"(the sliding window {config.sliding_window} and the context {context})."
         )
     return ExportSpec(context=context, chunk=chunk, scheme=scheme)
+
+
+def grid_spec(spec: ExportSpec, target: str, quant: str | None, grid: QuantGrid) -> ExportSpec:
+    """The spec for a checkpoint that carries a QAT grid: its own scheme, imported exactly (the default),
+    or a float scheme when asked for by name; anything else would round the trained grid again."""
+    trained = grid.scheme.name
+    if quant in ("fp32", "fp16"):
+        return spec
+    exact = GRID_SCHEMES.get(target, {}).get(trained)
+    if exact is None:
+        takers = [t for t, table in GRID_SCHEMES.items() if trained in table]
+        raise UserError(
+            f"This checkpoint was trained for {trained}, which the {target} target cannot store exactly; "
+            f"export it to {' or '.join(takers)}, or with --quant fp32."
+        )
+    if quant is not None and quant != exact:
+        raise UserError(f"This checkpoint was trained for {trained}; export it with --quant {exact} (or fp32).")
+    return replace(spec, scheme=SCHEMES[exact], grid=grid)
 
 
 def export(
@@ -92,10 +122,14 @@ def export(
     exporter = _resolve(EXPORTERS, target)
     out = Path(out or f"bundles/gemma3-{model}-{target}-{spec.scheme.name}")
     loaded = load_model(model, checkpoint=checkpoint, random_weights=random_weights, log=log)
+    if loaded.grid is not None:
+        spec = grid_spec(spec, target, quant, loaded.grid)
+        log(f"  the checkpoint's {loaded.grid.scheme.name} QAT grid is stored as it is ({spec.scheme.name})")
     config = loaded.model.config
     with staged(out) as folder:
         log(f"exporting {model} to {target} ({spec.scheme.name}, context {spec.context}, chunk {spec.chunk})")
         info = exporter(loaded.model, folder, spec, log)
+        grid_imported = info.pop("grid_imported", "exactly")
         loaded.tokenizer.save(folder / "tokenizer.model")
         log("  writing the tokenizer as tokenizer.json (for the apps' runtimes)")
         hf_tokenizer = write_hf_tokenizer(loaded.tokenizer, folder)
@@ -112,7 +146,7 @@ def export(
             "config": config.to_hf(),
             "max_context": spec.context,
             "prefill_chunk": spec.chunk,
-            "quant": asdict(spec.scheme),
+            "quant": {**asdict(spec.scheme), **({"grid": _grid_note(spec.grid, grid_imported)} if spec.grid else {})},
             "cache": cache_layout(config, spec.context, info.get("cache_dtype", "float32")),
             "tokenizer": "tokenizer.model",
             "hf_tokenizer": hf_tokenizer,
@@ -127,6 +161,12 @@ def export(
 
         validate_bundle(out, log=log)
     return out
+
+
+def _grid_note(grid: QuantGrid, imported: str) -> dict:
+    from .fake_quant import GRID_FORMAT, GRID_JSON
+
+    return {"source": GRID_JSON, "format": GRID_FORMAT, "trained_scheme": grid.scheme.name, "imported": imported}
 
 
 def open_runner(bundle: str | Path | Bundle):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .bundle import Bundle, read_bundle
+from .errors import UserError
 from .generate import EagerRunner, Runner
 
 
@@ -155,8 +156,9 @@ def judge(summary: dict, limits: Thresholds) -> list[str]:
     return failures
 
 
-def reference_model(model: torch.nn.Module, bundle: Bundle) -> tuple[torch.nn.Module, str]:
-    """The eager model with the bundle's quantization if its exporter can simulate it, else `model`."""
+def reference_model(model: torch.nn.Module, bundle: Bundle, grid=None) -> tuple[torch.nn.Module, str]:
+    """The eager model with the bundle's quantization if its exporter can simulate it, else `model`.
+    A bundle that imported a QAT grid is simulated on that grid (`grid`, from its source checkpoint)."""
     scheme = bundle.manifest["quant"]["name"]
     if scheme == "fp32":
         return model, "float"
@@ -164,6 +166,8 @@ def reference_model(model: torch.nn.Module, bundle: Bundle) -> tuple[torch.nn.Mo
     simulate = getattr(exporter, "simulate", None)
     if simulate is None:
         return model, "float"
+    if "grid" in bundle.manifest["quant"]:
+        return simulate(copy.deepcopy(model), scheme, grid=grid), f"eager {scheme} (QAT grid)"
     return simulate(copy.deepcopy(model), scheme), f"eager {scheme}"
 
 
@@ -180,8 +184,12 @@ def validate_bundle(bundle, length: int | None = None, thresholds: Thresholds | 
     length = min(length or 3 * window + 2 * chunk + 5, ctx)
     prefill = min(2 * chunk + 3, length)
     ids = validation_ids(Tokenizer(b.tokenizer_path), length)
-    float_model = load_model(**m["source"], log=lambda *_: None).model
-    reference, ref_kind = reference_model(float_model, b)
+    source = load_model(**m["source"], log=lambda *_: None)
+    float_model = source.model
+    if "grid" in m["quant"] and source.grid is None:
+        raise UserError(f"{b.path} was exported from a QAT grid, but {m['source']['checkpoint']} no longer has its "
+                        "quantization.json; validate needs it for the reference.")
+    reference, ref_kind = reference_model(float_model, b, source.grid)
     log(f"validating {b.path} ({b.target}, {scheme}) over {length} positions ({length / window:.1f} windows)")
     artifact = open_runner(b)
     # The runners step in lockstep and only per-position figures are kept: O(vocab) memory.

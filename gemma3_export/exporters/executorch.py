@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ..pipeline import ExportSpec
 
 ARTIFACT = "model.pte"
+GRID_SCALE_DTYPE = torch.bfloat16  # a QAT grid's linear int4 scales in the .pte (XNNPACK stores them so)
 STOP_IDS = (1, 106)  # Gemma 3's <eos> and <end_of_turn> (GEMMA3.md): an artifact carries both
 CACHE_BUFFERS = "self_attn_cache_"  # placeholder names b_model_layers_{i}_self_attn_cache_{k,v}
 
@@ -70,8 +71,14 @@ def quant_configs(scheme: str) -> tuple[object, object] | None:
     return linear, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
 
 
-def quantize(model: nn.Module, scheme: str) -> nn.Module:
-    """Quantize `model` IN PLACE for `scheme` (see the module docstring) and return it."""
+def quantize(model: nn.Module, scheme: str, grid=None) -> nn.Module:
+    """Quantize `model` IN PLACE for `scheme` (see the module docstring) and return it. With a QAT
+    checkpoint's `grid`, its codes and scales as they are (the linears' int4 scales in bf16, as XNNPACK
+    keeps them; the embedding's stay fp32: ExecuTorch's quantized embedding reads bf16 scales wrongly)."""
+    if grid is not None:
+        from ..fake_quant import quantize_from_grid
+
+        return quantize_from_grid(model, grid, linear_scale_dtype=GRID_SCALE_DTYPE).requires_grad_(False)
     configs = quant_configs(scheme)
     if configs is None:
         return model
@@ -83,9 +90,9 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
     return model.requires_grad_(False)
 
 
-def simulate(model: Gemma3ForCausalLM, scheme: str) -> Gemma3ForCausalLM:
+def simulate(model: Gemma3ForCausalLM, scheme: str, grid=None) -> Gemma3ForCausalLM:
     """The eager model on the .pte's quantization grid (validate's reference). Modifies `model`."""
-    return quantize(model, scheme)
+    return quantize(model, scheme, grid)
 
 
 def metadata(model: Gemma3ForCausalLM, context: int, chunk: int) -> dict[str, object]:
@@ -159,7 +166,7 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec: ExportSpec, log=print) 
     start = time.perf_counter()
     if spec.scheme.name != "fp32":
         log(f"  quantizing with torchao ({spec.scheme.description})")
-    quantize(model, spec.scheme.name)
+    quantize(model, spec.scheme.name, spec.grid)
     program = to_program(model, spec.context, spec.chunk, log)
     initialized = initialized_buffers(program)
     if len(initialized) != 2 * config.num_hidden_layers:
@@ -185,4 +192,6 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec: ExportSpec, log=print) 
             if spec.scheme.name != "fp32" else "float embedding gather and float LM-head linear",
             "gelu": "tanh form spelled out (XNNPACK's gelu op is the erf form)",
         },
+        **({"grid_imported": "codes exactly; the linears' int4 scales rounded to bfloat16, as XNNPACK stores them"}
+           if spec.grid is not None else {}),
     }

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -213,11 +214,12 @@ def fake_fp8(w: Tensor) -> Tensor:
     return (codes.float() * scale[:, None]).to(w.dtype)
 
 
-def simulate(model: nn.Module, scheme: str) -> nn.Module:
+def simulate(model: nn.Module, scheme: str, grid=None) -> nn.Module:
     """A copy of the eager model on the artifact's grid: weights quantized and dequantized exactly as
-    the ONNX export stores them (fp16: the same fp16 modules)."""
+    the ONNX export stores them (fp16: the same fp16 modules). A QAT checkpoint's weights already lie
+    on the grid the export imports: they stay as they are."""
     sim = copy.deepcopy(model)
-    if scheme == "fp32":
+    if scheme == "fp32" or grid is not None:
         return sim
     if scheme == "fp16":
         return _to_half(sim)
@@ -248,13 +250,14 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
     start = time.perf_counter()
     proto = _torch_export(model, spec, scheme)
     log(f"  torch.onnx.export: {len(proto.graph.node)} nodes in {time.perf_counter() - start:.1f} s")
+    codes = grid_codes(spec.grid) if spec.grid is not None else None
     if scheme in NBITS:
         start = time.perf_counter()
-        proto = quantize_nbits(proto, scheme, accuracy_level)
-        log(f"  MatMulNBits {scheme}: {time.perf_counter() - start:.1f} s")
+        proto = quantize_nbits(proto, scheme, accuracy_level, codes)
+        log(f"  MatMulNBits {scheme}{' (the QAT grid, as it is)' if codes else ''}: {time.perf_counter() - start:.1f} s")
     elif scheme == "fp8":
-        proto = quantize_fp8(proto)
-        log("  fp8 weights through DequantizeLinear")
+        proto = quantize_fp8(proto, codes)
+        log(f"  fp8 weights through DequantizeLinear{' (the QAT grid, as it is)' if codes else ''}")
     weight_bytes = sum(_tensor_bytes(t) for t in proto.graph.initializer)
     external = weight_bytes > EXTERNAL_DATA_BYTES
     onnx.save_model(proto, folder / ARTIFACT, save_as_external_data=external, all_tensors_to_one_file=True,
@@ -387,15 +390,18 @@ def _drop_unused_initializers(graph) -> None:
     graph.initializer.extend(keep)
 
 
-def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None):
+def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None, codes: Callable | None = None):
     """Every constant MatMul -> MatMulNBits, then the embedding Gather -> GatherBlockQuantized over the
     head's packed table. Blocks of 32: onnxruntime.quantization's MatMulNBitsQuantizer. Per channel:
     its quantizer takes blocks of at most 256, so the per-channel codes are packed here into the same
-    MatMulNBits layout, in blocks of 128 that repeat the channel's scale."""
+    MatMulNBits layout, in blocks of 128 that repeat the channel's scale. `codes(w)` (a QAT grid, see
+    `grid_codes`) gives the codes and scales instead of rounding."""
     import onnx
 
     bits, block = NBITS[scheme]
-    if block:
+    if codes is not None:
+        _pack_nbits(proto.graph, bits, accuracy_level, codes)
+    elif block:
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
         config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits, accuracy_level=accuracy_level)
@@ -404,14 +410,21 @@ def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None):
             quantizer.process()
         proto = quantizer.model.model
     else:
-        _per_channel_nbits(proto.graph, bits, accuracy_level)
+        _pack_nbits(proto.graph, bits, accuracy_level, lambda w: _round_per_channel(w, bits))
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     _share_embedding_nbits(proto.graph, bits)
     return proto
 
 
-def _per_channel_nbits(graph, bits: int, accuracy_level: int | None) -> None:
+def _round_per_channel(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    codes, scale = nbits_codes(w, bits, w.shape[1])  # [N, 1, K], [N, 1, 1]
+    return codes.view(w.shape), scale.view(-1, 1)
+
+
+def _pack_nbits(graph, bits: int, accuracy_level: int | None, codes_of: Callable) -> None:
+    """Every constant MatMul -> MatMulNBits holding `codes_of(w [N, K])`: signed codes [N, K] and
+    scales [N, K / block] (one column: per channel, stored in blocks of 128 that repeat the scale)."""
     from onnx import helper, numpy_helper
 
     inits = _initializers(graph)
@@ -423,15 +436,19 @@ def _per_channel_nbits(graph, bits: int, accuracy_level: int | None) -> None:
         b = inits[node.input[1]]
         k, n = b.dims
         w = torch.from_numpy(numpy_helper.to_array(b).T.copy())  # [N, K]
-        codes, scale = nbits_codes(w, bits, k)  # [N, 1, K], [N, 1, 1]
-        block = math.gcd(k, 128)
-        if block < 16 or k % 2:
-            raise RuntimeError(f"K={k} has no MatMulNBits block (16..128) that divides it")
-        u = (codes.view(n, k) + 2 ** (bits - 1)).to(torch.uint8)  # MatMulNBits' zero point is 2^(bits-1)
+        codes, scale = codes_of(w)
+        if scale.shape[1] == 1:  # per channel
+            block = math.gcd(k, 128)
+            scale = scale.expand(n, k // block)
+        else:
+            block = k // scale.shape[1]
+        if block < 16 or block & (block - 1) or k % block:
+            raise RuntimeError(f"K={k} has no MatMulNBits block (16..128) for these scales")
+        u = (codes.reshape(n, k) + 2 ** (bits - 1)).to(torch.uint8)  # MatMulNBits' zero point is 2^(bits-1)
         if bits == 4:
             u = u[:, 0::2] | (u[:, 1::2] << 4)  # two codes per byte, low nibble first
         packed = u.reshape(n, k // block, -1).numpy()
-        scales = scale.view(n, 1).expand(n, k // block).contiguous().numpy()
+        scales = scale.float().contiguous().numpy()
         graph.initializer.extend([numpy_helper.from_array(packed, f"{b.name}_Q{bits}"),
                                   numpy_helper.from_array(scales, f"{b.name}_scales")])
         extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
@@ -441,6 +458,23 @@ def _per_channel_nbits(graph, bits: int, accuracy_level: int | None) -> None:
     graph.ClearField("node")
     graph.node.extend(nodes)
     _drop_unused_initializers(graph)
+
+
+def grid_codes(grid) -> Callable:
+    """`codes_of(w)` for a QAT checkpoint: the grid entry whose dequantized values are w (the
+    checkpoint's weights are exactly those; the head is the tied embedding), found by content, since
+    the graph's initializer names are the exporter's, not the checkpoint's."""
+    by_content = {}
+    for name in grid.codes:
+        by_content[hashlib.sha256(grid.dequantize(name).float().contiguous().numpy().tobytes()).hexdigest()] = name
+
+    def codes_of(w: Tensor) -> tuple[Tensor, Tensor]:
+        name = by_content.get(hashlib.sha256(w.float().contiguous().numpy().tobytes()).hexdigest())
+        if name is None:
+            raise RuntimeError("a weight of the exported graph is not in the checkpoint's QAT grid")
+        return grid.codes[name], grid.scales[name]
+
+    return codes_of
 
 
 def _share_embedding_nbits(graph, bits: int) -> None:
@@ -474,9 +508,10 @@ def _share_embedding_nbits(graph, bits: int) -> None:
     _drop_unused_initializers(graph)
 
 
-def quantize_fp8(proto):
+def quantize_fp8(proto, codes: Callable | None = None):
     """Every constant MatMul weight B [K, N] -> float8e4m3fn codes + per-column scale, DequantizeLinear
-    (axis 1) before the MatMul; the embedding gathers columns of the head's fp8 table."""
+    (axis 1) before the MatMul; the embedding gathers columns of the head's fp8 table. `codes(w)` (a QAT
+    grid) gives the codes and scales instead of rounding."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
@@ -486,9 +521,10 @@ def quantize_fp8(proto):
         if node.op_type == "MatMul" and node.input[1] in inits:
             b = inits[node.input[1]]
             w = torch.from_numpy(numpy_helper.to_array(b).T.copy())  # [N, K]
-            codes, scale = fp8_codes(w)
+            q8, scale = (codes or fp8_codes)(w)
             q = helper.make_tensor(f"{b.name}_f8", TensorProto.FLOAT8E4M3FN, list(b.dims),
-                                   codes.t().contiguous().view(torch.uint8).numpy().tobytes(), raw=True)
+                                   q8.t().contiguous().view(torch.uint8).numpy().tobytes(), raw=True)
+            scale = scale.float().reshape(-1).contiguous()
             graph.initializer.extend([q, numpy_helper.from_array(scale.numpy(), f"{b.name}_f8_scale")])
             dq = helper.make_node("DequantizeLinear", [q.name, f"{b.name}_f8_scale"], [f"{b.name}_deq"],
                                   name=f"{node.name}_dq", axis=1)
