@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gemma3_export.bundle import read_bundle  # noqa: E402
+
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 
@@ -107,8 +110,7 @@ def bench_scheme(args, scheme: str, target: str = "executorch") -> dict:
     print(f"[{target} {scheme}] exporting {args.model} ...", flush=True)
     row["export"] = child(EXPORT, args.model, scheme, str(args.context), str(args.chunk), str(out),
                           "1" if args.random_weights else "0", target)
-    row["pte_mb"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.name != "tokenizer.model"
-                        and f.name != "manifest.json") / 1e6
+    row["pte_mb"] = read_bundle(out).artifact_bytes / 1e6
     print(f"[{target} {scheme}] {row['export']}, {row['pte_mb']:.1f} MB", flush=True)
     if args.export_only:
         return row

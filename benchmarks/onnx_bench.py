@@ -57,6 +57,7 @@ def export_bundle(work: Path, quant: str, model: str = "270m", name: str | None 
 
 def child_export(model: str, quant: str, out: str, extra: list[str]) -> None:
     """In the child: the export through the CLI's library function, peak RSS from the kernel."""
+    from gemma3_export.bundle import read_bundle
     from gemma3_export.pipeline import export
 
     kw = {"context": 2048, "chunk": 128}
@@ -65,7 +66,7 @@ def child_export(model: str, quant: str, out: str, extra: list[str]) -> None:
         kw[key] = int(value) if value.isdigit() else value == "true" if value in ("true", "false") else value
     start = time.perf_counter()
     export(model=model, target="onnx", quant=quant, out=out, validate=False, log=lambda m: print(m, file=sys.stderr), **kw)
-    size = sum(p.stat().st_size for p in Path(out).iterdir() if p.name != "tokenizer.model" and p.name != "manifest.json")
+    size = read_bundle(out).artifact_bytes
     print(json.dumps({"export_s": round(time.perf_counter() - start, 1), "artifact_gb": round(size / 1e9, 3),
                       "peak_rss_gb": peak_rss_gb()}))
 

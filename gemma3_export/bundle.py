@@ -117,6 +117,14 @@ class Bundle:
         return self.manifest["target"]
 
     @property
+    def artifact_bytes(self) -> int:
+        """Bytes of the model itself (the artifact, its external data or package contents), tokenizers
+        and manifest excluded."""
+        m = self.manifest
+        other = {m["tokenizer"], *m.get("hf_tokenizer", [])}
+        return sum((self.path / name).stat().st_size for name in m["files"] if name not in other)
+
+    @property
     def config(self) -> Gemma3Config:
         return Gemma3Config.from_hf(self.manifest["config"])
 

@@ -164,7 +164,7 @@ def _measure_here(bundle: str, tokens: int, threads: int) -> dict:
         "max_context": runner.max_context,
         "tokens": n,
         "cache_dtype": cache_dtype,
-        "artifact_bytes": sum((b.path / name).stat().st_size for name in b.manifest["files"] if name != "tokenizer.model"),
+        "artifact_bytes": b.artifact_bytes,
         "resident_session_bytes": loaded - baseline,
         "resident_total_bytes": filled_rss - baseline,
         "resident_kv_bytes": filled_rss - loaded,
