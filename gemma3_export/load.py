@@ -30,6 +30,7 @@ class Loaded:
     tokenizer: Tokenizer
     source: str  # what the weights are, for the manifest and progress lines
     grid: QuantGrid | None = None  # a QAT checkpoint's integer grid (quantization.json), exported as is
+    gguf_path: Path | None = None  # the GGUF the weights came from (`--quant gguf` keeps its blocks)
 
 
 def load_model(
@@ -86,7 +87,7 @@ def _from_gguf(wanted: Gemma3Config, model: str, path: Path, source: str | None 
     for key in [k for k in reader.fields if k.startswith("tokenizer.")]:
         del reader.fields[key]
     state = load_gguf_state(reader, path)
-    return Loaded(_build(config, state, str(path)), tokenizer, source or str(path))
+    return Loaded(_build(config, state, str(path)), tokenizer, source or str(path), gguf_path=path)
 
 
 def _from_hf_folder(wanted: Gemma3Config, model: str, folder: Path) -> Loaded:

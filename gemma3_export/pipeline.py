@@ -125,11 +125,14 @@ def export(
     if loaded.grid is not None:
         spec = grid_spec(spec, target, quant, loaded.grid)
         log(f"  the checkpoint's {loaded.grid.scheme.name} QAT grid is stored as it is ({spec.scheme.name})")
+    elif spec.scheme.name == "gguf":
+        spec = replace(spec, grid=gguf_grid(loaded))
     config = loaded.model.config
     with staged(out) as folder:
         log(f"exporting {model} to {target} ({spec.scheme.name}, context {spec.context}, chunk {spec.chunk})")
         info = exporter(loaded.model, folder, spec, log)
         grid_imported = info.pop("grid_imported", "exactly")
+        qat_grid = loaded.grid is not None and spec.grid is loaded.grid  # not with --quant fp32/fp16
         loaded.tokenizer.save(folder / "tokenizer.model")
         log("  writing the tokenizer as tokenizer.json (for the apps' runtimes)")
         hf_tokenizer = write_hf_tokenizer(loaded.tokenizer, folder)
@@ -146,7 +149,7 @@ def export(
             "config": config.to_hf(),
             "max_context": spec.context,
             "prefill_chunk": spec.chunk,
-            "quant": {**asdict(spec.scheme), **({"grid": _grid_note(spec.grid, grid_imported)} if spec.grid else {})},
+            "quant": {**asdict(spec.scheme), **({"grid": _grid_note(spec.grid, grid_imported)} if qat_grid else {})},
             "cache": cache_layout(config, spec.context, info.get("cache_dtype", "float32")),
             "tokenizer": "tokenizer.model",
             "hf_tokenizer": hf_tokenizer,
@@ -161,6 +164,16 @@ def export(
 
         validate_bundle(out, log=log)
     return out
+
+
+def gguf_grid(loaded) -> dict:
+    """The source GGUF's blocks for `--quant gguf`; one sentence when the weights came from elsewhere."""
+    from .gguf_grid import read_gguf_grid
+
+    if loaded.gguf_path is None:
+        raise UserError("--quant gguf keeps a GGUF's own blocks; load the weights from one "
+                        "(--model 270m, or --checkpoint FILE.gguf).")
+    return read_gguf_grid(loaded.gguf_path)
 
 
 def _grid_note(grid: QuantGrid, imported: str) -> dict:

@@ -31,13 +31,14 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("8da4w-pc", "int8 dynamic activations x per-channel int4 weights (XNNPACK)", 4),
         Scheme("8da8w", "int8 dynamic activations x per-channel int8 weights (XNNPACK)", 8),
         Scheme("fp8", "float8 e4m3 weights with per-channel scales (the report's 8-bit column)", 8),
+        Scheme("gguf", "the source GGUF's own blocks per tensor, not rounded again (4 to 8 bits)", 8),
     ]
 }
 
 # Which scheme each target lowers correctly on this stack. ExecuTorch refuses weight-only schemes:
 # they lower to XNNPACK with silently wrong numbers (STACK.md); its int8/int4 are the 8da forms.
 TARGET_SCHEMES: dict[str, tuple[str, ...]] = {
-    "onnx": ("fp32", "fp16", "int8", "int4", "int4b32", "fp8"),
+    "onnx": ("fp32", "fp16", "int8", "int4", "int4b32", "fp8", "gguf"),
     "executorch": ("fp32", "8da4w", "8da4w-pc", "8da8w"),
     "coreml": ("fp16", "fp32", "int8", "int4", "int4b32"),
 }
@@ -51,6 +52,8 @@ _WHY_NOT = {
     ("executorch", "fp8"): "fp8 weights do not lower to ExecuTorch",
     ("executorch", "fp16"): "this stack's XNNPACK path is measured in fp32 only",
     ("coreml", "fp8"): "Core ML has no fp8 weight type",
+    ("coreml", "gguf"): "the GGUF's blocks map onto onnxruntime's MatMulNBits only so far",
+    ("executorch", "gguf"): "the GGUF's blocks map onto onnxruntime's MatMulNBits only so far",
 }
 
 

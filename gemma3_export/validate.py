@@ -168,6 +168,8 @@ def reference_model(model: torch.nn.Module, bundle: Bundle, grid=None) -> tuple[
         return model, "float"
     if "grid" in bundle.manifest["quant"]:
         return simulate(copy.deepcopy(model), scheme, grid=grid), f"eager {scheme} (QAT grid)"
+    if scheme == "gguf":
+        return simulate(copy.deepcopy(model), scheme, grid=grid), "eager gguf"
     return simulate(copy.deepcopy(model), scheme), f"eager {scheme}"
 
 
@@ -189,7 +191,12 @@ def validate_bundle(bundle, length: int | None = None, thresholds: Thresholds | 
     if "grid" in m["quant"] and source.grid is None:
         raise UserError(f"{b.path} was exported from a QAT grid, but {m['source']['checkpoint']} no longer has its "
                         "quantization.json; validate needs it for the reference.")
-    reference, ref_kind = reference_model(float_model, b, source.grid)
+    if scheme == "gguf":
+        from .pipeline import gguf_grid
+
+        reference, ref_kind = reference_model(float_model, b, gguf_grid(source))
+    else:
+        reference, ref_kind = reference_model(float_model, b, source.grid)
     log(f"validating {b.path} ({b.target}, {scheme}) over {length} positions ({length / window:.1f} windows)")
     artifact = open_runner(b)
     # The runners step in lockstep and only per-position figures are kept: O(vocab) memory.

@@ -225,8 +225,10 @@ def _dequantize(t, shape: tuple[int, ...], path: Path, rows: int = 8192) -> np.n
     return out.reshape(shape)
 
 
-def save_gguf(model: Gemma3ForCausalLM, path: Path, tokenizer_model: bytes | None = None) -> None:
-    """Write an fp32 GGUF as llama.cpp's converter would (norms stored as 1 + w). Used by tests."""
+def save_gguf(model: Gemma3ForCausalLM, path: Path, tokenizer_model: bytes | None = None,
+              raw: dict[str, tuple] | None = None) -> None:
+    """Write an fp32 GGUF as llama.cpp's converter would (norms stored as 1 + w). Used by tests.
+    `raw` maps Hugging Face names to (GGMLQuantizationType, uint8 blocks [rows, bytes]) written instead."""
     import gguf
 
     c = model.config
@@ -250,6 +252,10 @@ def save_gguf(model: Gemma3ForCausalLM, path: Path, tokenizer_model: bytes | Non
         if name == "lm_head.weight":
             continue
         gname = _hf_to_gguf_name(name)
+        if raw and name in raw:
+            qtype, blocks = raw[name]
+            w.add_tensor(gname, blocks, raw_dtype=qtype)
+            continue
         data = t.detach().float() + (1.0 if name.endswith("norm.weight") else 0.0)
         w.add_tensor(gname, data.numpy())
     w.write_header_to_file()

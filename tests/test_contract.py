@@ -31,15 +31,7 @@ def one_sentence(message: str) -> bool:
     return message.endswith(".") and "\n" not in message and ". " not in message
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small for intra-op threads, which only add spin-waits on a busy CPU."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

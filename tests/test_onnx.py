@@ -34,13 +34,7 @@ PLAN = [3, 4, 1, 1, 1, 5, 3, 6, 1, 1, 2, 6] + [1] * 8
 _BUNDLES: dict[str, Path] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny eager model runs 30x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bundle(scheme: str) -> Path:
@@ -282,5 +276,5 @@ def test_accuracy_level_is_refused_for_float_schemes(small, tmp_path):
     from gemma3_export.errors import UserError
 
     model, _, _ = small
-    with pytest.raises(UserError, match="accuracy_level applies to int8, int4 and int4b32"):
+    with pytest.raises(UserError, match="accuracy_level applies to int8, int4, int4b32, gguf, not fp32"):
         onnx_export.export(model, tmp_path, make_spec("tiny", "onnx", "fp32", CONTEXT, CHUNK), accuracy_level=4)

@@ -33,13 +33,7 @@ RUN = dict(model="tiny", scheme="int4", data=[str(TEXT)], seq_len=32, batch_size
 QUIET = dict(log=lambda *_: None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are dominated by op overhead: one thread avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

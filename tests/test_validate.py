@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from gemma3_export import validate
@@ -18,12 +17,7 @@ from gemma3_export.cli import main
 from test_onnx import CHUNK, CONTEXT, W, tiny_bundle
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def copy_bundle(scheme: str, tmp_path):

@@ -31,6 +31,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ OPSET = 21
 ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to an external data file (protobuf stops at 2 GB)
 NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32)}  # bits, block (None: per channel)
+MATMUL_NBITS = (*NBITS, "gguf")  # gguf: each weight's own GGUF blocks (gguf_grid.py)
 FP16_MAX = 65504.0
 FP8_MAX = 448.0  # float8 e4m3fn
 
@@ -219,6 +221,12 @@ def simulate(model: nn.Module, scheme: str, grid=None) -> nn.Module:
     the ONNX export stores them (fp16: the same fp16 modules). A QAT checkpoint's weights already lie
     on the grid the export imports: they stay as they are."""
     sim = copy.deepcopy(model)
+    if scheme == "gguf":  # the weights are the GGUF's values; only what has no MatMulNBits form is rounded
+        with torch.no_grad():
+            for name, param in sim.named_parameters():
+                if param.dim() == 2 and (name not in grid or gguf_requantized(name, grid[name])):
+                    param.copy_(fake_nbits(param, 8, param.shape[1]))
+        return sim
     if scheme == "fp32" or grid is not None:
         return sim
     if scheme == "fp16":
@@ -244,17 +252,23 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
     import onnx
 
     scheme = spec.scheme.name
-    if accuracy_level is not None and scheme not in NBITS:
-        raise UserError(f"accuracy_level applies to int8, int4 and int4b32, not {scheme}.")
+    if accuracy_level is not None and scheme not in MATMUL_NBITS:
+        raise UserError(f"accuracy_level applies to {', '.join(MATMUL_NBITS)}, not {scheme}.")
     config = model.config
     start = time.perf_counter()
     proto = _torch_export(model, spec, scheme)
     log(f"  torch.onnx.export: {len(proto.graph.node)} nodes in {time.perf_counter() - start:.1f} s")
-    codes = grid_codes(spec.grid) if spec.grid is not None else None
-    if scheme in NBITS:
+    codes, pack, tensors = None, None, None
+    if scheme == "gguf":
+        pack, tensors = gguf_packs(model, spec.grid)
+    elif spec.grid is not None:
+        codes = grid_codes(spec.grid)
+        pack = (lambda w: _signed(NBITS[scheme][0], *codes(w))) if scheme in NBITS else None  # noqa: E731
+    if scheme in MATMUL_NBITS:
         start = time.perf_counter()
-        proto = quantize_nbits(proto, scheme, accuracy_level, codes)
-        log(f"  MatMulNBits {scheme}{' (the QAT grid, as it is)' if codes else ''}: {time.perf_counter() - start:.1f} s")
+        proto = quantize_nbits(proto, scheme, accuracy_level, pack)
+        how = " (the GGUF's blocks, as they are)" if scheme == "gguf" else " (the QAT grid, as it is)" if pack else ""
+        log(f"  MatMulNBits {scheme}{how}: {time.perf_counter() - start:.1f} s")
     elif scheme == "fp8":
         proto = quantize_fp8(proto, codes)
         log(f"  fp8 weights through DequantizeLinear{' (the QAT grid, as it is)' if codes else ''}")
@@ -279,6 +293,7 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
             else "one quantized table for the head MatMul and the embedding gather",
             "cache_io": "k_cache_{i}/v_cache_{i} in, k_cache_out_{i}/v_cache_out_{i} out, same shapes",
             "layers": config.num_hidden_layers,
+            **({"tensors": tensors} if tensors else {}),
         },
     }
 
@@ -291,7 +306,7 @@ def _torch_export(model: nn.Module, spec, scheme: str):
     n = model.config.num_hidden_layers
     in_names, out_names = io_names(n)
     with boundary_caches(model, spec.context, dtype), torch.no_grad(), _quiet():
-        step = OnnxStep(model, separate_head=scheme in NBITS or scheme == "fp8").eval()
+        step = OnnxStep(model, separate_head=scheme in MATMUL_NBITS or scheme == "fp8").eval()
         caches = [torch.zeros(s, dtype=dtype) for c in step.caches for s in (_shape(model, c), _shape(model, c))]
         tokens = torch.zeros(1, min(2, spec.chunk), dtype=torch.long)
         t_dim = {1: torch.export.Dim("T", min=1, max=spec.chunk)} if spec.chunk > 1 else None
@@ -390,17 +405,17 @@ def _drop_unused_initializers(graph) -> None:
     graph.initializer.extend(keep)
 
 
-def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None, codes: Callable | None = None):
+def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None, pack: Callable | None = None):
     """Every constant MatMul -> MatMulNBits, then the embedding Gather -> GatherBlockQuantized over the
     head's packed table. Blocks of 32: onnxruntime.quantization's MatMulNBitsQuantizer. Per channel:
     its quantizer takes blocks of at most 256, so the per-channel codes are packed here into the same
-    MatMulNBits layout, in blocks of 128 that repeat the channel's scale. `codes(w)` (a QAT grid, see
-    `grid_codes`) gives the codes and scales instead of rounding."""
+    MatMulNBits layout, in blocks of 128 that repeat the channel's scale. `pack(w)` (a QAT grid or a
+    GGUF's blocks) gives each weight's codes and scales instead of rounding."""
     import onnx
 
-    bits, block = NBITS[scheme]
-    if codes is not None:
-        _pack_nbits(proto.graph, bits, accuracy_level, codes)
+    bits, block = NBITS.get(scheme, (None, None))
+    if pack is not None:
+        _pack_nbits(proto.graph, accuracy_level, pack)
     elif block:
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -410,10 +425,10 @@ def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None, codes:
             quantizer.process()
         proto = quantizer.model.model
     else:
-        _pack_nbits(proto.graph, bits, accuracy_level, lambda w: _round_per_channel(w, bits))
+        _pack_nbits(proto.graph, accuracy_level, lambda w: _signed(bits, *_round_per_channel(w, bits)))
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    _share_embedding_nbits(proto.graph, bits)
+    _share_embedding_nbits(proto.graph)
     return proto
 
 
@@ -422,9 +437,29 @@ def _round_per_channel(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return codes.view(w.shape), scale.view(-1, 1)
 
 
-def _pack_nbits(graph, bits: int, accuracy_level: int | None, codes_of: Callable) -> None:
-    """Every constant MatMul -> MatMulNBits holding `codes_of(w [N, K])`: signed codes [N, K] and
-    scales [N, K / block] (one column: per channel, stored in blocks of 128 that repeat the scale)."""
+@dataclass
+class Packed:
+    """One MatMulNBits weight: w[n, k] = (u[n, k] - zero_point) * scale, per block of K."""
+
+    u: np.ndarray  # uint8 [N, K]
+    scales: np.ndarray  # float32 [N, K / block]
+    zero_points: np.ndarray | None  # float32 [N, K / block]; None: MatMulNBits' default 2^(bits-1)
+    bits: int
+    block: int
+
+
+def _signed(bits: int, codes: Tensor, scale: Tensor) -> Packed:
+    """Symmetric signed codes [N, K] and scales [N, K / block] (one column: per channel, stored in
+    blocks of 128 that repeat the channel's scale)."""
+    n, k = codes.shape
+    block = math.gcd(k, 128) if scale.shape[1] == 1 else k // scale.shape[1]
+    scales = scale.float().expand(n, k // block)
+    u = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    return Packed(u.numpy(), scales.contiguous().numpy(), None, bits, block)
+
+
+def _pack_nbits(graph, accuracy_level: int | None, pack_of: Callable[[Tensor], Packed]) -> None:
+    """Every constant MatMul -> MatMulNBits holding `pack_of(w [N, K])`."""
     from onnx import helper, numpy_helper
 
     inits = _initializers(graph)
@@ -435,29 +470,70 @@ def _pack_nbits(graph, bits: int, accuracy_level: int | None, codes_of: Callable
             continue
         b = inits[node.input[1]]
         k, n = b.dims
-        w = torch.from_numpy(numpy_helper.to_array(b).T.copy())  # [N, K]
-        codes, scale = codes_of(w)
-        if scale.shape[1] == 1:  # per channel
-            block = math.gcd(k, 128)
-            scale = scale.expand(n, k // block)
-        else:
-            block = k // scale.shape[1]
+        p = pack_of(torch.from_numpy(numpy_helper.to_array(b).T.copy()))  # w [N, K]
+        bits, block = p.bits, p.block
         if block < 16 or block & (block - 1) or k % block:
             raise RuntimeError(f"K={k} has no MatMulNBits block (16..128) for these scales")
-        u = (codes.reshape(n, k) + 2 ** (bits - 1)).to(torch.uint8)  # MatMulNBits' zero point is 2^(bits-1)
+        u = p.u
         if bits == 4:
             u = u[:, 0::2] | (u[:, 1::2] << 4)  # two codes per byte, low nibble first
-        packed = u.reshape(n, k // block, -1).numpy()
-        scales = scale.float().contiguous().numpy()
-        graph.initializer.extend([numpy_helper.from_array(packed, f"{b.name}_Q{bits}"),
-                                  numpy_helper.from_array(scales, f"{b.name}_scales")])
+        names = [f"{b.name}_Q{bits}", f"{b.name}_scales"]
+        graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(u.reshape(n, k // block, -1)), names[0]),
+                                  numpy_helper.from_array(np.ascontiguousarray(p.scales, np.float32), names[1])])
+        if p.zero_points is not None:
+            names.append(f"{b.name}_zero_points")
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(p.zero_points, np.float32), names[2]))
         extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{b.name}_Q{bits}", f"{b.name}_scales"],
-                                      list(node.output), name=f"{node.name}_Q{bits}", domain="com.microsoft",
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                      name=f"{node.name}_Q{bits}", domain="com.microsoft",
                                       K=k, N=n, bits=bits, block_size=block, **extra))
     graph.ClearField("node")
     graph.node.extend(nodes)
     _drop_unused_initializers(graph)
+
+
+def by_content(model: nn.Module) -> Callable[[Tensor], str]:
+    """The Hugging Face name of a graph weight, found by its values (the graph's initializer names are
+    the exporter's; the head is the tied embedding)."""
+    names = {}
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if param.dim() == 2:
+            names[hashlib.sha256(param.detach().float().contiguous().numpy().tobytes()).hexdigest()] = name
+
+    def name_of(w: Tensor) -> str:
+        name = names.get(hashlib.sha256(w.float().contiguous().numpy().tobytes()).hexdigest())
+        if name is None:
+            raise RuntimeError("a weight of the exported graph is not one of the model's")
+        return name
+
+    return name_of
+
+
+def gguf_requantized(name: str, g) -> str | None:
+    """Why `--quant gguf` rounds this GGUF tensor again (int8 per channel), or None: it is kept."""
+    if isinstance(g, str):
+        return f"{g} has no MatMulNBits form"
+    if name == "model.embed_tokens.weight" and g.zero_points is not None:
+        return "the shared embedding table takes integer zero points only (GatherBlockQuantized)"
+    return None
+
+
+def gguf_packs(model: nn.Module, grid: dict) -> tuple[Callable[[Tensor], Packed], dict[str, str]]:
+    """`pack_of(w)` for `--quant gguf`: each weight's own GGUF blocks (gguf_grid.py) where MatMulNBits
+    holds them, int8 per channel otherwise; and what happened to each tensor, for the manifest."""
+    name_of, report = by_content(model), {}
+    for name, g in grid.items():
+        why = gguf_requantized(name, g)
+        report[name] = f"{getattr(g, 'source', g)} -> int8 per channel, re-quantized ({why})" if why else g.describe()
+
+    def pack_of(w: Tensor) -> Packed:
+        name = name_of(w)
+        g = grid.get(name)
+        if g is None or gguf_requantized(name, g):
+            return _signed(8, *_round_per_channel(w, 8))
+        return Packed(g.u, g.scales, g.zero_points, g.bits, g.block)
+
+    return pack_of, report
 
 
 def grid_codes(grid) -> Callable:
@@ -477,14 +553,14 @@ def grid_codes(grid) -> Callable:
     return codes_of
 
 
-def _share_embedding_nbits(graph, bits: int) -> None:
+def _share_embedding_nbits(graph) -> None:
     """Gather rows of the head's MatMulNBits table: B [V, k_blocks, blob] uint8 is exactly the
     embedding [V, H] quantized per row in blocks along H."""
     from onnx import helper, numpy_helper
 
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-    hidden, block = attrs["K"], attrs["block_size"]
+    hidden, block, bits = attrs["K"], attrs["block_size"], attrs["bits"]
     inits = _initializers(graph)
     k_blocks = inits[head.input[1]].dims[1]
     scales = numpy_helper.to_array(inits[head.input[2]]).reshape(-1, k_blocks, 1)  # [V, kb, 1]
