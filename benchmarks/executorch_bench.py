@@ -107,9 +107,13 @@ print(json.dumps({k: s[k] for k in ("passed", "reference", "positions", "vs_refe
 def bench_scheme(args, scheme: str, target: str = "executorch") -> dict:
     out = Path(args.out) / f"gemma3-{args.model}-{target}-{scheme}"
     row: dict = {"target": target, "scheme": scheme, "bundle": str(out)}
-    print(f"[{target} {scheme}] exporting {args.model} ...", flush=True)
-    row["export"] = child(EXPORT, args.model, scheme, str(args.context), str(args.chunk), str(out),
-                          "1" if args.random_weights else "0", target)
+    if args.skip_export and (out / "manifest.json").exists():  # export figures from the run that wrote it
+        row["export"] = args.previous.get(str(out))
+        print(f"[{target} {scheme}] reusing {out}", flush=True)
+    else:
+        print(f"[{target} {scheme}] exporting {args.model} ...", flush=True)
+        row["export"] = child(EXPORT, args.model, scheme, str(args.context), str(args.chunk), str(out),
+                              "1" if args.random_weights else "0", target)
     row["pte_mb"] = read_bundle(out).artifact_bytes / 1e6
     print(f"[{target} {scheme}] {row['export']}, {row['pte_mb']:.1f} MB", flush=True)
     if args.export_only:
@@ -135,7 +139,8 @@ def table(rows: list[dict]) -> str:
         e, s = r["export"], r.get("speed")
         p = r.get("parity", {}).get("vs_float")
         lines.append(
-            f"| {r['target']} | {r['scheme']} | {r['pte_mb']:.0f} | {e['export_s']:.0f} | {e['peak_rss_mb']:.0f} | "
+            f"| {r['target']} | {r['scheme']} | {r['pte_mb']:.0f} | "
+            + (f"{e['export_s']:.0f} | {e['peak_rss_mb']:.0f} | " if e else "- | - | ")
             + (f"{s['prefill_tok_s']:.0f} ({s['prefill_tok_s'] / base['speed']['prefill_tok_s']:.2f}x) | "
                f"{s['decode_tok_s']:.1f} ({s['decode_tok_s'] / base['speed']['decode_tok_s']:.2f}x) | "
                f"{s['peak_rss_mb']:.0f} | " if s else "- | - | - | ")
@@ -159,8 +164,13 @@ def main() -> None:
     ap.add_argument("--export-only", action="store_true", help="export cost only (e.g. 1b, random weights)")
     ap.add_argument("--no-parity", action="store_true")
     ap.add_argument("--parity-positions", type=int, default=0, help="validate over N positions (default: 3 windows)")
+    ap.add_argument("--skip-export", action="store_true",
+                    help="reuse bundles in --out (their export figures from --previous-json, if given)")
+    ap.add_argument("--previous-json", help="an earlier --json whose export figures the reused bundles keep")
     ap.add_argument("--json")
     args = ap.parse_args()
+    previous = json.loads(Path(args.previous_json).read_text())["rows"] if args.previous_json else []
+    args.previous = {r["bundle"]: r["export"] for r in previous}
     start = time.time()
     rows = [bench_scheme(args, s) for s in args.schemes] + [bench_scheme(args, s, "onnx") for s in args.onnx]
     result = {"model": args.model, "threads": args.threads, "load_avg_at_end": os.getloadavg(),

@@ -2,16 +2,18 @@
 
     python benchmarks/onnx_bench.py [--work bundles/bench-onnx] [--json docs/onnx_bench.json] [--threads 2]
 
-1. export fp32 and int4b32 bundles (context 2048, chunk 128), each in a child process: wall time
-   and the child's peak RSS;
-2. parity (`validate_bundle`): fp32 ONNX vs the eager model; int4b32 ONNX vs the eager model on the
-   same grid and vs the float model (top-1 agreement, KL), over 3+ windows;
+1. export fp32, int4b32 and gguf (the GGUF's own blocks) bundles (context 2048, chunk 128), each in a
+   child process: wall time and the child's peak RSS;
+2. parity (`validate_bundle`): fp32 ONNX vs the eager model; int4b32 and gguf ONNX vs the eager model
+   on the same grid and vs the float model (top-1 agreement, KL), over 3+ windows;
 3. speed, each in a fresh child process on `--threads` threads, median of `--repeats`: prefill
    tokens/s (a 512-token prompt in chunks of 128), decode tokens/s (64 steps), the child's peak RSS;
-   for the eager model, fp32 and int4b32 bundles;
+   for the eager model and each bundle;
 4. one decode step with the cache bound in place (the runner) vs ping-pong buffers vs plain
    `session.run` with numpy caches, at position 1024, for int4b32 bundles of context 2048 and 32768;
 5. fp16 headroom: the residual stream's peak vs fp16's 65,504, and the fp16 scheme vs float (eager).
+
+`--only NAME ...` exports and compares only those bundles and keeps the rest of `--json`.
 """
 
 from __future__ import annotations
@@ -208,6 +210,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-export", action="store_true", help="reuse the bundles in --work")
     p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="rerun some parts, keep the rest of --json")
+    p.add_argument("--only", nargs="+", help="bundles to export / compare (fp32, int4b32, gguf, int4b32-32k)")
     p.add_argument("--child-export", nargs="+")
     p.add_argument("--child-speed", nargs=2)
     p.add_argument("--child-binding", nargs=2)
@@ -225,24 +228,30 @@ def main() -> None:
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = ROOT / args.json
-    results: dict = json.loads(out.read_text()) if args.parts != PARTS and out.exists() else {}
+    results: dict = json.loads(out.read_text()) if (args.parts != PARTS or args.only) and out.exists() else {}
     results.update({"threads": args.threads, "machine": f"{os.cpu_count()} CPUs"})
     log_path = work / "exports.json"  # export figures survive a rerun with --skip-export
     exports = json.loads(log_path.read_text()) if log_path.exists() else {}
-    for name, quant, extra in (("fp32", "fp32", ()), ("int4b32", "int4b32", ()),
+    for name, quant, extra in (("fp32", "fp32", ()), ("int4b32", "int4b32", ()), ("gguf", "gguf", ()),
                                ("int4b32-32k", "int4b32", ("context=32768",))):
+        if args.only and name not in args.only:
+            continue
         if not (args.skip_export and (work / f"270m-{name}" / "manifest.json").exists()):
             exports[name] = export_bundle(work, quant, name=name, extra=extra)
             log_path.write_text(json.dumps(exports, indent=2))
             print(f"export {name}: {exports[name]}", file=sys.stderr)
+    from gemma3_export.bundle import read_bundle
+
+    for name, row in exports.items():  # sizes from the bundles as they are (the model, not its tokenizers)
+        row["artifact_gb"] = round(read_bundle(work / f"270m-{name}").artifact_bytes / 1e9, 3)
     results["exports"] = exports
+    wanted = lambda names: [n for n in names if not args.only or n in args.only]  # noqa: E731
     if "parity" in args.parts:
-        results["parity"] = {q: parity(str(work / f"270m-{q}")) for q in ("fp32", "int4b32")}
+        results.setdefault("parity", {}).update({q: parity(str(work / f"270m-{q}")) for q in wanted(("fp32", "int4b32", "gguf"))})
         print(f"parity: {json.dumps(results['parity'], indent=1)[:2000]}", file=sys.stderr)
-    if "speed" in args.parts:
-        results["speed"] = {name: speed(src, args.threads, args.repeats)
-                            for name, src in (("eager", "eager"), ("onnx fp32", str(work / "270m-fp32")),
-                                              ("onnx int4b32", str(work / "270m-int4b32")))}
+    if "speed" in args.parts:  # the eager baseline always runs, so ratios come from one run
+        sources = [("eager", "eager")] + [(f"onnx {q}", str(work / f"270m-{q}")) for q in wanted(("fp32", "int4b32", "gguf"))]
+        results["speed"] = {name: speed(src, args.threads, args.repeats) for name, src in sources}
         print(f"speed: {results['speed']}", file=sys.stderr)
     if "binding" in args.parts:
         for name in ("int4b32", "int4b32-32k"):  # context 2048 and 32768: the cache is 28 MB and 217 MB
