@@ -79,8 +79,8 @@ def test_memory_report_writes_table_json_and_plot(tmp_path, capsys, monkeypatch)
     result = saved
     assert [r["size"] for r in saved["rows"]] == list(memory.SIZES)
     m = result["measured"][0]
-    files = [p for p in tiny_bundle("fp32").iterdir() if p.name not in ("manifest.json", "tokenizer.model")]
-    assert m["artifact_bytes"] == sum(p.stat().st_size for p in files)
+    model_files = [p for p in tiny_bundle("fp32").iterdir() if p.name.startswith("model.onnx")]  # not tokenizers
+    assert m["artifact_bytes"] == sum(p.stat().st_size for p in model_files)
     assert m["tokens"] == CONTEXT and m["analytic_kv_bytes"] == memory.kv_bytes(preset("tiny"), CONTEXT, "window", "float32")
     assert m["resident_session_bytes"] > 0
     table = (tmp_path / "docs/memory_table.md").read_text()
