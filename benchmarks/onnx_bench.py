@@ -188,14 +188,14 @@ def speed(source: str, threads: int, repeats: int) -> dict:
     return {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]} | {"repeats": repeats}
 
 
-def parity(bundle: str) -> dict:
+def parity(bundle: str, length: int | None = None) -> dict:
     import torch
 
     from gemma3_export.validate import validate_bundle
 
     torch.set_num_threads(1)  # the eager reference: two contended threads were 4x slower than one
 
-    s = validate_bundle(bundle, log=lambda m: print(m, file=sys.stderr))
+    s = validate_bundle(bundle, length=length, log=lambda m: print(m, file=sys.stderr))
     pick = lambda d: {k: d[k] for k in ("max_abs", "mean_abs", "top1", "kl")}  # noqa: E731
     return {"reference": s["reference"], "positions": s["positions"], "passed": s["passed"],
             "vs_reference": pick(s["vs_reference"]), "vs_float": pick(s["vs_float"]),
@@ -210,6 +210,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-export", action="store_true", help="reuse the bundles in --work")
     p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="rerun some parts, keep the rest of --json")
+    p.add_argument("--parity-length", type=int, help="positions to validate (default: validate's, 3.5 windows)")
     p.add_argument("--only", nargs="+", help="bundles to export / compare (fp32, int4b32, gguf, int4b32-32k)")
     p.add_argument("--child-export", nargs="+")
     p.add_argument("--child-speed", nargs=2)
@@ -247,7 +248,7 @@ def main() -> None:
     results["exports"] = exports
     wanted = lambda names: [n for n in names if not args.only or n in args.only]  # noqa: E731
     if "parity" in args.parts:
-        results.setdefault("parity", {}).update({q: parity(str(work / f"270m-{q}")) for q in wanted(("fp32", "int4b32", "gguf"))})
+        results.setdefault("parity", {}).update({q: parity(str(work / f"270m-{q}"), args.parity_length) for q in wanted(("fp32", "int4b32", "gguf"))})
         print(f"parity: {json.dumps(results['parity'], indent=1)[:2000]}", file=sys.stderr)
     if "speed" in args.parts:  # the eager baseline always runs, so ratios come from one run
         sources = [("eager", "eager")] + [(f"onnx {q}", str(work / f"270m-{q}")) for q in wanted(("fp32", "int4b32", "gguf"))]
