@@ -24,6 +24,9 @@ from .errors import UserError
 from .quant import SCHEMES, Scheme, check_scheme
 from .tokenizer import CHAT_TEMPLATE, write_hf_tokenizer
 
+if TYPE_CHECKING:
+    from .fake_quant import QuantGrid
+
 EXPORTERS = {
     "onnx": "gemma3_export.exporters.onnx:export",
     "executorch": "gemma3_export.exporters.executorch:export",
@@ -60,11 +63,9 @@ class ExportSpec:
     context: int
     chunk: int
     scheme: Scheme
-    grid: QuantGrid | None = None  # a QAT checkpoint's codes and scales, stored as they are
-
-
-if TYPE_CHECKING:
-    from .fake_quant import QuantGrid
+    # A QAT checkpoint's codes and scales (fake_quant.QuantGrid), or for `gguf` the source GGUF's
+    # blocks (gguf_grid.read_gguf_grid): stored as they are.
+    grid: QuantGrid | dict | None = None
 
 
 def make_spec(model: str, target: str, quant: str | None, context: int | None, chunk: int | None) -> ExportSpec:
@@ -120,13 +121,13 @@ def export(
 
     spec = make_spec(model, target, quant, context, chunk)
     exporter = _resolve(EXPORTERS, target)
-    out = Path(out or f"bundles/gemma3-{model}-{target}-{spec.scheme.name}")
     loaded = load_model(model, checkpoint=checkpoint, random_weights=random_weights, log=log)
     if loaded.grid is not None:
         spec = grid_spec(spec, target, quant, loaded.grid)
         log(f"  the checkpoint's {loaded.grid.scheme.name} QAT grid is stored as it is ({spec.scheme.name})")
     elif spec.scheme.name == "gguf":
         spec = replace(spec, grid=gguf_grid(loaded))
+    out = Path(out or f"bundles/gemma3-{model}-{target}-{spec.scheme.name}")  # the scheme a grid chose
     config = loaded.model.config
     with staged(out) as folder:
         log(f"exporting {model} to {target} ({spec.scheme.name}, context {spec.context}, chunk {spec.chunk})")
