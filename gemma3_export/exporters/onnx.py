@@ -262,7 +262,7 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
     if scheme == "gguf":
         pack, tensors = gguf_packs(model, spec.grid)
     elif spec.grid is not None:
-        codes = grid_codes(spec.grid)
+        codes = grid_codes(model, spec.grid)
         pack = (lambda w: _signed(NBITS[scheme][0], *codes(w))) if scheme in NBITS else None  # noqa: E731
     if scheme in MATMUL_NBITS:
         start = time.perf_counter()
@@ -536,18 +536,13 @@ def gguf_packs(model: nn.Module, grid: dict) -> tuple[Callable[[Tensor], Packed]
     return pack_of, report
 
 
-def grid_codes(grid) -> Callable:
-    """`codes_of(w)` for a QAT checkpoint: the grid entry whose dequantized values are w (the
-    checkpoint's weights are exactly those; the head is the tied embedding), found by content, since
-    the graph's initializer names are the exporter's, not the checkpoint's."""
-    by_content = {}
-    for name in grid.codes:
-        by_content[hashlib.sha256(grid.dequantize(name).float().contiguous().numpy().tobytes()).hexdigest()] = name
+def grid_codes(model: nn.Module, grid) -> Callable:
+    """`codes_of(w)` for a QAT checkpoint: the trained codes and scales of the graph weight w (the
+    checkpoint's weights are exactly the dequantized grid; `by_content` finds the name)."""
+    name_of = by_content(model)
 
     def codes_of(w: Tensor) -> tuple[Tensor, Tensor]:
-        name = by_content.get(hashlib.sha256(w.float().contiguous().numpy().tobytes()).hexdigest())
-        if name is None:
-            raise RuntimeError("a weight of the exported graph is not in the checkpoint's QAT grid")
+        name = name_of(w)
         return grid.codes[name], grid.scales[name]
 
     return codes_of
