@@ -206,3 +206,101 @@ def preset(name: str) -> Gemma3Config:
         return PRESETS[name]
     except KeyError:
         raise UserError(f"Unknown model {name!r}; choose one of {', '.join(PRESETS)}.") from None
+
+
+# -- vision (4b, 12b, 27b) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiglipVisionConfig:
+    """The SigLIP image encoder's hyper-parameters, spelled as in `vision_config` of a Gemma 3
+    `config.json` (transformers' `SiglipVisionConfig`)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 896
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """What a multimodal (`Gemma3ForConditionalGeneration`) checkpoint adds to the text decoder: the
+    encoder, the number of soft tokens per image, and the image token ids (top-level config keys)."""
+
+    vision_config: SiglipVisionConfig = SiglipVisionConfig()
+    mm_tokens_per_image: int = 256
+    image_token_index: int = 262144
+    boi_token_index: int = 255999
+    eoi_token_index: int = 256000
+
+    def __post_init__(self) -> None:
+        side = round(self.mm_tokens_per_image**0.5)
+        patches = self.vision_config.patches_per_side
+        if side * side != self.mm_tokens_per_image or patches % side:
+            raise UserError(
+                f"{self.mm_tokens_per_image} image tokens do not pool evenly from a {patches}x{patches} patch grid."
+            )
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> VisionConfig | None:
+        """The vision part of a transformers config dict; None for a text-only config."""
+        if "vision_config" not in raw:
+            return None
+        names = {f.name for f in dataclasses.fields(SiglipVisionConfig)}
+        vision = SiglipVisionConfig(**{k: v for k, v in raw["vision_config"].items() if k in names})
+        aliases = {"image_token_id": "image_token_index", "boi_token_id": "boi_token_index", "eoi_token_id": "eoi_token_index"}
+        top = {aliases.get(k, k): v for k, v in raw.items()}
+        keys = ("mm_tokens_per_image", "image_token_index", "boi_token_index", "eoi_token_index")
+        return cls(vision_config=vision, **{k: top[k] for k in keys if top.get(k) is not None})
+
+    def to_hf(self, text: Gemma3Config) -> dict:
+        """A `Gemma3ForConditionalGeneration` config.json around the text decoder's."""
+        return {
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "text_config": text.to_hf(),
+            "vision_config": {"model_type": "siglip_vision_model", "vision_use_head": False,
+                              **dataclasses.asdict(self.vision_config)},
+            "mm_tokens_per_image": self.mm_tokens_per_image,
+            "image_token_index": self.image_token_index,
+            "boi_token_index": self.boi_token_index,
+            "eoi_token_index": self.eoi_token_index,
+        }
+
+
+_SIGLIP_896 = VisionConfig()  # gemma3.json vision_config: 4b, 12b and 27b share the 400M SigLIP encoder
+VISION_PRESETS: dict[str, VisionConfig] = {
+    # For tests: a 28x28 image in 7-pixel patches (4x4 grid) pooled 2x2 to 4 soft tokens, so an image
+    # block (4 soft tokens + 4 markers) fits tiny's window of 8 and prompts with images cross it.
+    # The markers take tiny's unused control ids; the soft token stays outside the 512-piece vocabulary
+    # (transformers then looks up id 0 there, as for any out-of-vocabulary image id).
+    "tiny": VisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=28, patch_size=7,
+        ),
+        mm_tokens_per_image=4, boi_token_index=100, eoi_token_index=101,
+    ),
+    "4b": _SIGLIP_896,
+    "12b": _SIGLIP_896,
+    "27b": _SIGLIP_896,
+}
+
+
+def vision_preset(name: str) -> VisionConfig:
+    """The named model's vision encoder; text-only sizes say so in one sentence."""
+    preset(name)  # an unknown name lists the choices
+    if name not in VISION_PRESETS:
+        raise UserError(
+            f"Gemma 3 {name} reads text only; images need one of {', '.join(VISION_PRESETS)}."
+        )
+    return VISION_PRESETS[name]

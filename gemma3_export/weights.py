@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Gemma3Config
+from .config import Gemma3Config, VisionConfig
 from .errors import UserError
 from .model import Gemma3ForCausalLM
 
@@ -81,6 +81,16 @@ def load_hf_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    state = {}
+    for f in _safetensors_files(folder):
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({e}).") from None
+    return _text_names(state)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -89,15 +99,79 @@ def load_hf_state(folder: Path) -> dict[str, torch.Tensor]:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder} has no .safetensors files.")
-    state = {}
     for f in files:
         if not f.exists():
             raise UserError(f"The shard {f.name} listed in {index.name} is missing from {folder}.")
+    return files
+
+
+def load_vision_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Only the vision tower and projector of a multimodal folder, in `vision.Gemma3Vision` names."""
+    from safetensors import SafetensorError, safe_open
+
+    state = {}
+    for f in _safetensors_files(folder):
         try:
-            state.update(load_file(f))
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    if name.startswith(_VISION_PREFIXES):
+                        state[vision_name(name)] = st.get_tensor(name).float()
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{f} is not a readable safetensors file ({e}).") from None
-    return _text_names(state)
+    if not state:
+        raise UserError(f"{folder} holds no vision tower: it is a text-only checkpoint.")
+    return state
+
+
+def vision_name(name: str) -> str:
+    """Checkpoint name -> `vision.Gemma3Vision` name: `model.` dropped, and the `vision_model.` level
+    that transformers 5 leaves out of `vision_tower` put back (Google's files keep it)."""
+    name = name.removeprefix("model.")
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        name = "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+    return name
+
+
+def vision_shapes(config: VisionConfig, text_hidden: int) -> dict[str, torch.Size]:
+    from .vision import Gemma3Vision
+
+    with torch.device("meta"):
+        model = Gemma3Vision(config, text_hidden)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def random_vision_state(config: VisionConfig, text_hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random encoder and projector weights (LayerNorm gains near 1, RMSNorm gains near 0)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = {}
+    for name, shape in vision_shapes(config, text_hidden).items():
+        t = torch.randn(shape, generator=gen)
+        if "layer_norm" in name or "layernorm" in name:
+            t = (1.0 + 0.1 * t) if name.endswith("weight") else 0.02 * t
+        else:
+            t = t * (0.3 if "norm" in name else 0.02)
+        state[name] = t
+    return state
+
+
+def build_vision(config: VisionConfig, text_hidden: int, state: dict[str, torch.Tensor], source: str):
+    """The encoder and projector with `state` loaded strictly (missing, unexpected, mis-shaped named)."""
+    from .vision import Gemma3Vision
+
+    expected = vision_shapes(config, text_hidden)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shaped = [f"{k} is {tuple(state[k].shape)}, the config needs {tuple(s)}"
+              for k, s in expected.items() if k in state and state[k].shape != s]
+    problems = ([f"missing {_names(missing)}"] if missing else []) + (
+        [f"unexpected {_names(unexpected)}"] if unexpected else []) + (
+        ["mis-shaped " + "; ".join(shaped[:3])] if shaped else [])
+    if problems:
+        raise UserError(f"The vision tower of {source} does not match the config: {'; '.join(problems)}.")
+    with torch.device("meta"):
+        model = Gemma3Vision(config, text_hidden)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def _text_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
