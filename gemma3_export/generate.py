@@ -37,22 +37,66 @@ class Runner:
         self._reset()
         self.pos = 0
 
-    def chunk_plan(self, n: int) -> list[int]:
-        """Sizes of the forward calls that prefill n tokens: full chunks, then the rest."""
-        return [self.chunk] * (n // self.chunk) + ([n % self.chunk] if n % self.chunk else [])
+    def chunk_plan(self, n: int, image_runs: list[tuple[int, int]] = ()) -> list[int]:
+        """Sizes of the forward calls that prefill n tokens: full chunks, then the rest. A chunk never
+        cuts an image block (`image_runs`: [start, end) of each run of soft tokens): it ends before
+        the block instead, so the block's bidirectional attention sees all of it in one call."""
+        sizes, start = [], 0
+        while start < n:
+            end = min(start + self.chunk, n)
+            cut = next(((a, b) for a, b in image_runs if a < end < b), None)
+            if cut is not None:
+                if cut[1] - cut[0] > self.chunk:
+                    raise UserError(
+                        f"An image of {cut[1] - cut[0]} tokens does not fit the prefill chunk of {self.chunk}; "
+                        "export with a --chunk of at least the image's token count."
+                    )
+                end = cut[0] if cut[0] > start else cut[1]
+            sizes.append(end - start)
+            start = end
+        return sizes
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        """Feed `ids` after what is already in the cache; returns the last token's logits."""
+    def prefill(self, ids: list[int], images: np.ndarray | None = None) -> np.ndarray:
+        """Feed `ids` after what is already in the cache; returns the last token's logits.
+        `images` float32 [N, tokens, hidden] (the vision encoder's output) fill the image soft tokens
+        of `ids`, in order."""
         if not ids:
             raise UserError("The prompt is empty.")
         self._check_room(len(ids))
         tokens = np.asarray(ids, dtype=np.int64)[None]
+        embeds, runs = self._place_images(tokens[0], images)
         start = 0
-        for size in self.chunk_plan(len(ids)):
-            logits = self._step(tokens[:, start : start + size], self.pos)
+        for size in self.chunk_plan(len(ids), runs):
+            part = tokens[:, start : start + size]
+            if embeds is None:
+                logits = self._step(part, self.pos)
+            else:
+                logits = self._step_images(part, self.pos, embeds[None, start : start + size])
             self.pos += size
             start += size
         return logits
+
+    image_token_id: int | None = None  # set by runners whose model takes images
+
+    def _place_images(self, tokens: np.ndarray, images: np.ndarray | None):
+        """[T, hidden] rows aligned with tokens (image rows filled, the rest zero) and the image runs."""
+        if images is None or len(images) == 0:
+            return None, []
+        if self.image_token_id is None:
+            raise UserError("This model reads text only; it takes no images.")
+        from .images import image_runs
+
+        runs = image_runs(tokens.tolist(), self.image_token_id)
+        flat = np.asarray(images, dtype=np.float32).reshape(-1, images.shape[-1])
+        if sum(b - a for a, b in runs) != len(flat):
+            raise UserError(f"The prompt has {sum(b - a for a, b in runs)} image tokens for {len(flat)} image embeddings.")
+        embeds = np.zeros((len(tokens), flat.shape[1]), np.float32)
+        embeds[tokens == self.image_token_id] = flat
+        return embeds, runs
+
+    def _step_images(self, tokens: np.ndarray, pos: int, image_embeds: np.ndarray) -> np.ndarray:
+        """`_step` with image_embeds float32[1, T, hidden] standing where tokens hold the image token."""
+        raise UserError("This runtime takes no images.")
 
     def decode(self, token: int) -> np.ndarray:
         self._check_room(1)
@@ -71,16 +115,22 @@ class Runner:
 class EagerRunner(Runner):
     """The PyTorch model with its static caches: the reference every artifact is compared with."""
 
-    def __init__(self, model: torch.nn.Module, max_context: int, chunk: int):
+    def __init__(self, model: torch.nn.Module, max_context: int, chunk: int, image_token_id: int | None = None):
         super().__init__()
         if chunk > model.config.sliding_window:
             raise UserError(f"The prefill chunk {chunk} is larger than the sliding window {model.config.sliding_window}.")
         self.model, self.max_context, self.chunk = model.eval(), max_context, chunk
         model.setup_caches(max_context)
+        self.image_token_id = image_token_id
 
     @torch.no_grad()
     def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         logits = self.model(torch.from_numpy(tokens), torch.tensor([pos]))
+        return logits[0].float().numpy()
+
+    @torch.no_grad()
+    def _step_images(self, tokens: np.ndarray, pos: int, image_embeds: np.ndarray) -> np.ndarray:
+        logits = self.model(torch.from_numpy(tokens), torch.tensor([pos]), torch.from_numpy(image_embeds))
         return logits[0].float().numpy()
 
     def _reset(self) -> None:
@@ -122,10 +172,12 @@ def generate(
     max_new_tokens: int,
     stop_ids: tuple[int, ...] | list[int] = (1, 106),
     sampling: Sampling | None = None,
+    images: np.ndarray | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids after the prompt until a stop id (not yielded) or `max_new_tokens`."""
+    """Yield new token ids after the prompt until a stop id (not yielded) or `max_new_tokens`.
+    `images` [N, tokens, hidden]: the image embeddings for the prompt's soft tokens (Runner.prefill)."""
     sampling = sampling or Sampling()
-    logits = runner.prefill(prompt_ids)
+    logits = runner.prefill(prompt_ids, images)
     for i in range(max_new_tokens):
         token = sampling(logits)
         if token in stop_ids:

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from .cache import KVCache, RingKVCache
 from .config import Gemma3Config
 
+IMAGE_TOKEN_ID = 262144  # Gemma 3's image soft token (GEMMA3.md)
+
 
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * (1 + w), computed in fp32; checkpoints store w (init 0)."""
@@ -51,13 +53,31 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
-def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
-    """Boolean [T, S]: query at p sees keys at p-window+1..p (local) or 0..p (global)."""
+def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, blocks: Tensor | None = None) -> Tensor:
+    """Boolean [T, S]: query at p sees keys at p-window+1..p (local) or 0..p (global).
+
+    `blocks` [T] (image_blocks) numbers the image blocks of this chunk: a query inside one also sees the
+    block's later keys (bidirectional), as transformers does: (causal OR same block) AND window. A block
+    never straddles chunks (the runner's chunk plan), so only keys of this chunk can share one.
+    """
     q, k = q_pos[:, None], k_pos[None, :]
     allowed = torch.logical_and(k <= q, k >= 0)
+    if blocks is not None:
+        start, T = q_pos[0], q_pos.shape[0]
+        in_chunk = torch.logical_and(k_pos >= start, k_pos < start + T)
+        k_blocks = torch.where(in_chunk, blocks[(k_pos - start).clamp(0, T - 1)], 0)  # [S]
+        same = torch.logical_and(blocks[:, None] == k_blocks[None, :], blocks[:, None] > 0)
+        allowed = torch.logical_or(allowed, same)
     if window is not None:
         allowed = torch.logical_and(allowed, k > q - window)
     return allowed
+
+
+def image_blocks(is_image: Tensor) -> Tensor:
+    """[T] bool -> [T] int: 0 for text, k for a token of the k-th run of image soft tokens."""
+    previous = torch.cat([torch.zeros_like(is_image[:1]), is_image[:-1]])
+    starts = torch.logical_and(is_image, torch.logical_not(previous))
+    return torch.where(is_image, torch.cumsum(starts.to(torch.int64), 0), 0)
 
 
 class Attention(nn.Module):
@@ -75,7 +95,8 @@ class Attention(nn.Module):
         self.window = c.sliding_window if c.is_local(layer) else None
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor | None,
+                blocks: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
@@ -86,7 +107,7 @@ class Attention(nn.Module):
             keys, values, k_pos = k, v, pos
         else:
             keys, values, k_pos = self.cache.update(input_pos, k, v)  # [1, Hkv, S, D], [S]
-        mask = attention_mask(pos, k_pos, self.window)  # [T, S]
+        mask = attention_mask(pos, k_pos, self.window, blocks)  # [T, S]
         # GQA without copying the cache: fold the query heads sharing a kv head into the rows.
         rep = self.n_heads // self.n_kv
         q = q.reshape(B, self.n_kv, rep * T, self.head_dim)
@@ -120,8 +141,9 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(d, eps)
         self.post_feedforward_layernorm = RMSNorm(d, eps)
 
-    def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor | None) -> Tensor:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, rope, input_pos))
+    def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor | None,
+                blocks: Tensor | None = None) -> Tensor:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, rope, input_pos, blocks))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -136,20 +158,33 @@ class Gemma3TextModel(nn.Module):
         self.rope_local = RotaryEmbedding(c.head_dim, c.rope_local_base_freq)  # never scaled
         self.rope_global = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling_factor)
         self.embed_scale = config.embed_scale
+        self.image_token_id = IMAGE_TOKEN_ID  # multimodal checkpoints say which (VisionConfig)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, image_embeds: Tensor | None = None) -> Tensor:
         T = tokens.shape[1]
         pos = torch.arange(T, device=tokens.device)
         if input_pos is not None:
             pos = pos + input_pos
         rope = {None: self.rope_global(pos)}
-        x = self.embed_tokens(tokens) * self.embed_scale
+        blocks = None
+        if image_embeds is None:
+            x = self.embed_tokens(tokens) * self.embed_scale
+        else:
+            x, blocks = self._embed_with_images(tokens, image_embeds)
         for layer in self.layers:
             w = layer.self_attn.window
             if w not in rope:
                 rope[w] = self.rope_local(pos)
-            x = layer(x, pos, rope[w], input_pos)
+            x = layer(x, pos, rope[w], input_pos, blocks)
         return self.norm(x)
+
+    def _embed_with_images(self, tokens: Tensor, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """Token embeddings with image_embeds [1, T, H] where the image soft tokens stand (not scaled by
+        sqrt(hidden)); the soft token's own row is never read (it may lie outside the vocabulary)."""
+        is_image = tokens == self.image_token_id  # [1, T]
+        x = self.embed_tokens(torch.where(is_image, 0, tokens)) * self.embed_scale
+        x = torch.where(is_image[..., None], image_embeds.to(x.dtype), x)
+        return x, image_blocks(is_image[0])
 
 
 class Gemma3ForCausalLM(nn.Module):
@@ -181,9 +216,11 @@ class Gemma3ForCausalLM(nn.Module):
             cache.k.zero_()
             cache.v.zero_()
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """Full-sequence logits [B, T, V] without input_pos; last-token logits [1, V] with it."""
-        h = self.model(tokens, input_pos)
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, image_embeds: Tensor | None = None) -> Tensor:
+        """Full-sequence logits [B, T, V] without input_pos; last-token logits [1, V] with it.
+        `image_embeds` [1, T, H] (vision.Gemma3Vision's output, placed where tokens hold the image soft
+        token; other rows ignored) makes it a multimodal step, batch 1."""
+        h = self.model(tokens, input_pos, image_embeds)
         if input_pos is not None:
             h = h[:, -1]  # a 262k vocabulary makes full-sequence logits expensive
         return self.lm_head(h)

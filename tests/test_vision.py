@@ -111,3 +111,98 @@ def test_the_prompt_block_has_markers_around_the_soft_tokens():
     block = image_block(VCFG, [9])
     n = VCFG.mm_tokens_per_image
     assert block == [9, VCFG.boi_token_index, *[VCFG.image_token_index] * n, VCFG.eoi_token_index, 9]
+
+
+# -- the multimodal prefill ----------------------------------------------------------------------------
+
+NEWLINES = [108 % 512]  # any text id stands for "\n\n" here; tokenization is not under test
+
+
+def mm_prompt(n_images: int, text: int = 7, seed: int = 5) -> list[int]:
+    """bos, text, then per image a block and more text: long enough to cross the window of 8 often."""
+    rng = np.random.default_rng(seed)
+    words = lambda: rng.integers(110, 500, text).tolist()  # noqa: E731
+    ids = [2, *words()]
+    for _ in range(n_images):
+        ids += image_block(VCFG, NEWLINES) + words()
+    return ids
+
+
+def hf_logits(hf, ids: list[int], px: torch.Tensor) -> torch.Tensor:
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        return hf(input_ids=t, pixel_values=px, token_type_ids=(t == VCFG.image_token_index).long()).logits[0]
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_full_sequence_logits_with_images_match_transformers(pair, n_images):
+    text, vision, hf = pair
+    ids, px = mm_prompt(n_images), pixels(n_images, seed=n_images)
+    with torch.no_grad():
+        emb = vision(px).reshape(-1, text.config.hidden_size)
+        t = torch.tensor([ids])
+        embeds = torch.zeros(1, len(ids), text.config.hidden_size)
+        embeds[t == VCFG.image_token_index] = emb
+        ours = text(t, image_embeds=embeds)[0]
+    ref = hf_logits(hf, ids, px)
+    assert len(ids) > 2 * text.config.sliding_window
+    assert (ours - ref).abs().max().item() <= 1e-4
+    # the bidirectional block matters: without it the logits differ
+    text_only = hf(input_ids=t, pixel_values=px).logits[0].detach()
+    assert (text_only - ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("n_images,chunk", [(1, 8), (2, 8), (2, 5), (2, 4)])
+def test_chunked_prefill_and_decode_with_images_match_transformers(pair, n_images, chunk):
+    """Ring caches across chunk boundaries: prompts of 2.5-4 windows, chunks that would cut a block
+    (the plan ends them before it), then decode steps; every step's logits against transformers'
+    full forward over the same sequence."""
+    from gemma3_export.generate import EagerRunner
+
+    text, vision, hf = pair
+    ids, px = mm_prompt(n_images), pixels(n_images, seed=n_images)
+    runner = EagerRunner(text, max_context=64, chunk=chunk, image_token_id=VCFG.image_token_index)
+    with torch.no_grad():
+        images = vision(px).numpy()
+    from gemma3_export.images import image_runs
+
+    plan = runner.chunk_plan(len(ids), image_runs(ids, VCFG.image_token_index))
+    assert sum(plan) == len(ids) and len(plan) > 2
+    logits = runner.prefill(ids, images)
+    extra = [300, 301, 302]
+    ref = hf_logits(hf, ids + extra, px)
+    np.testing.assert_allclose(logits, ref[len(ids) - 1].numpy(), atol=1e-4, rtol=0)
+    for i, tok in enumerate(extra):
+        np.testing.assert_allclose(runner.decode(tok), ref[len(ids) + i].numpy(), atol=1e-4, rtol=0)
+
+
+def test_chunk_plan_never_cuts_an_image_block():
+    from gemma3_export.errors import UserError
+    from gemma3_export.generate import Runner
+
+    r = Runner()
+    r.chunk = 4
+    assert r.chunk_plan(12, [(3, 7)]) == [3, 4, 4, 1]
+    assert r.chunk_plan(12, [(4, 8)]) == [4, 4, 4]
+    with pytest.raises(UserError, match="does not fit the prefill chunk of 4"):
+        r.chunk_plan(12, [(2, 7)])
+
+
+def test_images_to_a_text_only_runner_are_refused(tiny):
+    from gemma3_export.errors import UserError
+    from gemma3_export.generate import EagerRunner
+
+    runner = EagerRunner(tiny, max_context=32, chunk=8)
+    with pytest.raises(UserError, match="reads text only"):
+        runner.prefill(mm_prompt(1), np.zeros((1, 4, 64), np.float32))
+
+
+def test_vision_weights_load_from_a_transformers_folder(pair, tmp_path):
+    from gemma3_export.weights import load_vision_state
+
+    text, vision, hf = pair
+    hf.save_pretrained(tmp_path)
+    state = load_vision_state(tmp_path)
+    loaded = build_vision(VCFG, 64, state, str(tmp_path))
+    for k, v in vision.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
