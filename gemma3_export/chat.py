@@ -21,8 +21,10 @@ def open_source(
     bundle: str | None = None,
     context: int | None = None,
     log=print,
+    vision: bool = False,
 ) -> tuple[Runner, Tokenizer]:
-    """A runner and its tokenizer: the eager model (`model`) or an exported bundle (`bundle`)."""
+    """A runner and its tokenizer: the eager model (`model`) or an exported bundle (`bundle`).
+    `vision`: the runner also gets `encode_images(pixels)` and `vision_config` (images.prompt_images)."""
     if (model is None) == (bundle is None):
         raise UserError("Give either --model or --bundle.")
     if bundle is not None:
@@ -30,22 +32,78 @@ def open_source(
         from .pipeline import open_runner
 
         b = read_bundle(bundle)
-        return open_runner(b), Tokenizer(b.tokenizer_path)
+        runner = open_runner(b)
+        if vision:
+            _bundle_vision(runner, b)
+        return runner, Tokenizer(b.tokenizer_path)
     from .load import load_model
     from .pipeline import make_spec
 
-    spec = make_spec(model, "onnx", None, context, None)  # the same context/chunk defaults as exports
+    spec = make_spec(model, "onnx", None, context, None, vision)  # the same context/chunk defaults as exports
     loaded = load_model(model, checkpoint=checkpoint, random_weights=random_weights, log=log)
-    return EagerRunner(loaded.model, spec.context, spec.chunk), loaded.tokenizer
+    runner = EagerRunner(loaded.model, spec.context, spec.chunk)
+    if vision:
+        _eager_vision(runner, loaded, model, checkpoint, random_weights, log)
+    return runner, loaded.tokenizer
 
 
-def stream(runner: Runner, tokenizer: Tokenizer, ids: list[int], max_new_tokens: int, sampling: Sampling, out=None) -> tuple[list[int], float]:
+def _eager_vision(runner: EagerRunner, loaded, model: str, checkpoint, random_weights: bool, log) -> None:
+    import torch
+
+    from .load import load_vision
+
+    encoder = load_vision(model, loaded.model.config.hidden_size, checkpoint, random_weights, log=log)
+    runner.vision_config = encoder.config
+    runner.image_token_id = loaded.model.model.image_token_id = encoder.config.image_token_index
+
+    @torch.no_grad()
+    def encode(pixels):
+        return encoder(torch.from_numpy(pixels)).numpy()
+
+    runner.encode_images = encode
+
+
+def _bundle_vision(runner: Runner, bundle) -> None:
+    from .images import vision_config_of
+    from .runtimes.onnx import OnnxVisionEncoder
+
+    if "vision" not in bundle.manifest:
+        raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
+    if bundle.target != "onnx":
+        raise UserError(f"Images run on onnx bundles so far, not {bundle.target}.")
+    runner.vision_config = vision_config_of(bundle.manifest["vision"])
+    runner.encode_images = OnnxVisionEncoder.from_bundle(bundle)
+
+
+def _check_images(paths: list[str] | None) -> None:
+    """A bad image file is reported before any model is loaded."""
+    from .images import load_image
+
+    for path in paths or []:
+        load_image(path)
+
+
+def with_images(ids: list[int], runner: Runner, tokenizer: Tokenizer, image: list[str], pan_and_scan: bool, chat: bool):
+    """`ids` with the images' blocks placed before the prompt text (inside the user turn for chat),
+    and their embeddings for the runner."""
+    from .images import prompt_images
+
+    image_ids, embeds = prompt_images(image, runner.vision_config, runner.encode_images, tokenizer, pan_and_scan)
+    at = 1  # after <bos>
+    if chat:  # after "<start_of_turn>user\n": where the chat of an empty message and of the prompt part
+        empty = encode_chat(tokenizer, [{"role": "user", "content": ""}])
+        at = next((i for i, (a, b) in enumerate(zip(empty, ids)) if a != b), len(empty))
+    return ids[:at] + image_ids + ids[at:], embeds
+
+
+def stream(runner: Runner, tokenizer: Tokenizer, ids: list[int], max_new_tokens: int, sampling: Sampling, out=None,
+           images=None) -> tuple[list[int], float]:
     """Print the continuation as it comes; return the new ids and decode tokens/s."""
     out = out or sys.stdout
     decoder = StreamDecoder(tokenizer)
     new: list[int] = []
     first = time.perf_counter()
-    for token in generate(runner, ids, max_new_tokens, tokenizer.stop_ids, sampling):
+    for token in generate(runner, ids, max_new_tokens, tokenizer.stop_ids, sampling, images):
         if not new:
             first = time.perf_counter()
         new.append(token)
@@ -69,13 +127,19 @@ def generate_text(
     top_p: float = 0.95,
     seed: int = 0,
     context: int | None = None,
+    image: list[str] | None = None,
+    pan_and_scan: bool = False,
     log=print,
 ) -> list[int]:
-    """Stream a continuation of `prompt` to stdout; return the new token ids."""
-    runner, tokenizer = open_source(model, checkpoint, random_weights, bundle, context, log)
+    """Stream a continuation of `prompt` (after the `image` files, if any) to stdout; return the new ids."""
+    _check_images(image)
+    runner, tokenizer = open_source(model, checkpoint, random_weights, bundle, context, log, vision=bool(image))
     ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+    images = None
+    if image:
+        ids, images = with_images(ids, runner, tokenizer, image, pan_and_scan, chat)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    new, rate = stream(runner, tokenizer, ids, max_new_tokens, sampling)
+    new, rate = stream(runner, tokenizer, ids, max_new_tokens, sampling, images=images)
     log(f"{len(ids)} prompt tokens, {len(new)} new tokens, decode {rate:.1f} tokens/s")
     return new
 
@@ -84,8 +148,10 @@ class Conversation:
     """A multi-turn chat over one runner whose cache carries the history: each turn prefills only the
     tokens that are new since the last one (closing the model's turn, then the user's message)."""
 
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, system: str | None = None):
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, system: str | None = None,
+                 image: list[str] | None = None, pan_and_scan: bool = False):
         self.runner, self.tokenizer, self.system = runner, tokenizer, system
+        self.image, self.pan_and_scan = image, pan_and_scan  # shown with the first message
         self.fed: list[int] = []  # every token the cache holds, in order
         self.pending: int | None = None  # the last reply token: sampled, not yet fed
 
@@ -104,12 +170,14 @@ class Conversation:
 
     def say(self, text: str, max_new_tokens: int, sampling: Sampling, out=None) -> tuple[list[int], float]:
         """Stream the model's answer to `text`; returns its ids and decode tokens/s."""
-        ids = self.next_ids(text)
+        ids, images = self.next_ids(text), None
+        if self.image and not self.fed:
+            ids, images = with_images(ids, self.runner, self.tokenizer, self.image, self.pan_and_scan, chat=True)
         if self.runner.pos + len(ids) + max_new_tokens > self.runner.max_context and self.fed:
             raise UserError("The conversation no longer fits the context; type /reset to start over.")
         if self.runner.pos != len(self.fed):
             raise RuntimeError("the runner was used outside this conversation")
-        new, rate = stream(self.runner, self.tokenizer, ids, max_new_tokens, sampling, out)
+        new, rate = stream(self.runner, self.tokenizer, ids, max_new_tokens, sampling, out, images)
         # A reply cut by max_new_tokens leaves its last token unfed; one ended by a stop id does not.
         self.fed += ids
         decoded = self.runner.pos - len(self.fed)
@@ -118,12 +186,15 @@ class Conversation:
         return new, rate
 
 
-def chat(bundle: str, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0, log=print) -> None:
-    """Interactive multi-turn chat; an empty line or end of input quits, /reset starts over."""
+def chat(bundle: str, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
+         image: list[str] | None = None, pan_and_scan: bool = False, log=print) -> None:
+    """Interactive multi-turn chat; an empty line or end of input quits, /reset starts over.
+    `image` files go with the first message (and again after /reset)."""
     import psutil
 
-    runner, tokenizer = open_source(bundle=bundle, log=log)
-    conversation = Conversation(runner, tokenizer)
+    _check_images(image)
+    runner, tokenizer = open_source(bundle=bundle, log=log, vision=bool(image))
+    conversation = Conversation(runner, tokenizer, image=image, pan_and_scan=pan_and_scan)
     sampling = Sampling(temperature=temperature, seed=seed)
     log("type a message; /reset starts over, an empty line quits")
     while True:

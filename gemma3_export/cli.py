@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="bundle folder (default bundles/gemma3-MODEL-TARGET-QUANT)")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check")
     p.add_argument("--recipe", help="TOML file whose [export] values are defaults; flags override them")
+    p.add_argument("--vision", action="store_true", help="also export the image encoder (4b, 12b, 27b; onnx)")
 
     p = sub.add_parser("generate", help="stream a continuation of a prompt")
     _add_source(p, required=False)
@@ -58,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--context", type=int, help="eager model's cache size (default 2048)")
+    _add_images(p)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat with a bundle")
     p.add_argument("bundle")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    _add_images(p)
 
     p = sub.add_parser("validate", help="parity report of a bundle against the eager model")
     p.add_argument("bundle")
@@ -79,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=32768)
     _add_qat(sub)
     return parser
+
+
+def _add_images(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action="append", metavar="FILE", help="an image before the prompt (repeatable; 4b, 12b, 27b)")
+    p.add_argument("--pan-and-scan", action="store_true", help="add crops of elongated images (more image tokens)")
 
 
 def _add_qat(sub) -> None:

@@ -81,9 +81,14 @@ def _cross_field_problem(m: dict) -> str | None:
         return f"bos_id {m['bos_id']} is also a stop id"
     if max([m["bos_id"], *m["stop_ids"]]) >= m["config"]["vocab_size"]:
         return "a special token id is outside the vocabulary"
-    for path in [m["artifact"], m["tokenizer"], *m.get("hf_tokenizer", [])]:
+    vision = m.get("vision")
+    for path in [m["artifact"], m["tokenizer"], *m.get("hf_tokenizer", []), *([vision["artifact"]] if vision else [])]:
         if path not in files and not any(f.startswith(path.rstrip("/") + "/") for f in files):
             return f"{path} is not among its files"
+    if vision and "image_embeds" not in [v["name"] for v in m["inputs"]]:
+        return "a vision bundle's decoder must take image_embeds"
+    if vision and vision["mm_tokens_per_image"] > m["prefill_chunk"]:
+        return f"an image's {vision['mm_tokens_per_image']} tokens do not fit prefill_chunk {m['prefill_chunk']}"
     return None
 
 

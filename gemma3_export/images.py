@@ -46,10 +46,12 @@ def load_image(path: str | Path):
             if w < MIN_SIDE or h < MIN_SIDE:
                 raise UserError(f"{path} is a zero-size image ({w}x{h}).")
             if w * h > MAX_PIXELS:
-                raise UserError(f"{path} is {w}x{h} pixels, more than the {MAX_PIXELS:,} this tool reads.")
+                raise UserError(f"{path} is {w}x{h}: it has more than the {MAX_PIXELS:,} pixels this tool reads.")
             img.load()
             return to_rgb(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # Pillow refuses at open past ~179 megapixels
+        raise UserError(f"{path} has more than the {MAX_PIXELS:,} pixels this tool reads.") from None
+    except UnidentifiedImageError as e:
         raise UserError(f"{path} is not an image Pillow can read ({type(e).__name__}).") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged files
         raise UserError(f"{path} is a damaged image ({e}).") from None
@@ -121,3 +123,32 @@ def image_runs(ids: list[int], image_token: int) -> list[tuple[int, int]]:
             runs.append((start, i))
             start = None
     return runs
+
+
+def vision_config_of(manifest_vision: dict) -> VisionConfig:
+    """The VisionConfig a bundle's manifest `vision` entry describes."""
+    from .config import SiglipVisionConfig
+
+    v = manifest_vision
+    return VisionConfig(vision_config=SiglipVisionConfig(**v["vision_config"]), mm_tokens_per_image=v["mm_tokens_per_image"],
+                        image_token_index=v["image_token_id"], boi_token_index=v["boi_id"], eoi_token_index=v["eoi_id"])
+
+
+def prompt_images(paths: list[str], config: VisionConfig, encode, tokenizer, pan_and_scan: bool = False) -> tuple[list[int], np.ndarray]:
+    """Token ids for the images (one block each, and with Pan & Scan the crops' blocks after the
+    processor's wording) and their embeddings [blocks, tokens, hidden] from `encode(pixels)`."""
+    newline = tokenizer.encode("\n\n", bos=False)
+    block = image_block(config, newline)
+    pas = PanAndScan() if pan_and_scan else None
+    ids, pixels = [], []
+    for path in paths:
+        px = image_pixels(load_image(path), config.vision_config.image_size, pas)
+        pixels.append(px)
+        if len(px) == 1:
+            ids += block
+        else:  # transformers' Gemma3Processor: the whole image, then its crops
+            ids += tokenizer.encode("Here is the original image ", bos=False) + block
+            ids += tokenizer.encode(" and here are some crops to help you see better ", bos=False)
+            for i in range(1, len(px)):
+                ids += (tokenizer.encode(" ", bos=False) if i > 1 else []) + block
+    return ids, encode(np.concatenate(pixels))

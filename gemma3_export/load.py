@@ -134,3 +134,43 @@ def _tokenizer_for(config: Gemma3Config) -> Tokenizer:
     if config.vocab_size < 262144:
         return tiny_tokenizer(config.vocab_size)
     return load_gguf_tokenizer(Path(_embedded_270m()))
+
+
+def load_vision(
+    model: str,
+    text_hidden: int,
+    checkpoint: str | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    log=print,
+):
+    """The vision encoder + projector (vision.Gemma3Vision) of a multimodal model, by the same rules as
+    `load_model`; a text-only size or checkpoint is one sentence."""
+    import json
+
+    from .config import VisionConfig, vision_preset
+    from .weights import build_vision, load_vision_state, random_vision_state
+
+    config = vision_preset(model)
+    if checkpoint and random_weights:
+        raise UserError("Use either --checkpoint or --random-weights, not both.")
+    if random_weights or (model == "tiny" and not checkpoint):
+        state, source = random_vision_state(config, text_hidden, seed), f"random (seed {seed})"
+    else:
+        repo = checkpoint or f"google/gemma-3-{model}-it"
+        folder = Path(repo).expanduser()
+        if not folder.is_dir():
+            if folder.exists() or repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+                raise UserError(f"{repo} holds no vision tower; images need a Hugging Face multimodal checkpoint folder.")
+            folder = _fetch(repo)
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{folder} has no readable config.json.") from None
+        config = VisionConfig.from_hf(raw)
+        if config is None:
+            raise UserError(f"{folder} is a text-only checkpoint; it holds no vision tower.")
+        state, source = load_vision_state(folder), str(folder)
+    vision = build_vision(config, text_hidden, state, source)
+    log(f"loaded the {model} vision encoder from {source}")
+    return vision

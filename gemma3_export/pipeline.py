@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .bundle import Bundle, cache_layout, read_bundle, staged, write_manifest
-from .config import preset
+from .config import VisionConfig, preset, vision_preset
 from .errors import UserError
 from .quant import SCHEMES, Scheme, check_scheme
 from .tokenizer import CHAT_TEMPLATE, write_hf_tokenizer
@@ -66,16 +66,35 @@ class ExportSpec:
     # A QAT checkpoint's codes and scales (fake_quant.QuantGrid), or for `gguf` the source GGUF's
     # blocks (gguf_grid.read_gguf_grid): stored as they are.
     grid: QuantGrid | dict | None = None
+    # --vision: the bundle also holds the image encoder, and the decoder takes image_embeds
+    vision: VisionConfig | None = None
 
 
-def make_spec(model: str, target: str, quant: str | None, context: int | None, chunk: int | None) -> ExportSpec:
+# Targets that export the vision encoder (a second artifact) so far.
+VISION_TARGETS = ("onnx",)
+
+
+def make_spec(model: str, target: str, quant: str | None, context: int | None, chunk: int | None,
+              vision: bool = False) -> ExportSpec:
     """Check the request against the preset and the target's table before any work starts."""
     if target not in EXPORTERS:
         raise UserError(f"Unknown target {target!r}; choose one of {', '.join(EXPORTERS)}.")
     config = preset(model)
+    vision_config = vision_preset(model) if vision else None
+    if vision and target not in VISION_TARGETS:
+        raise UserError(f"--vision exports to {', '.join(VISION_TARGETS)} so far, not {target}.")
     scheme = check_scheme(target, quant)
+    if vision:
+        from .exporters.onnx import VISION_SCHEMES
+
+        if scheme.name not in VISION_SCHEMES:
+            raise UserError(f"--vision takes --quant {', '.join(VISION_SCHEMES)}, not {scheme.name}.")
     context = context or min(DEFAULT_CONTEXT, config.max_position_embeddings)
-    chunk = chunk or min(DEFAULT_CHUNK, config.sliding_window, context)
+    # An image block is never split across prefill chunks (docs/decisions.md): a vision chunk holds one.
+    least = vision_config.mm_tokens_per_image if vision else 1
+    chunk = chunk or min(max(DEFAULT_CHUNK, least), config.sliding_window, context)
+    if vision and chunk < least:
+        raise UserError(f"--chunk must be at least {least} with --vision: an image's tokens are prefilled in one chunk.")
     if not 1 <= context <= config.max_position_embeddings:
         raise UserError(f"--context must be between 1 and {config.max_position_embeddings} for {model}.")
     if not 1 <= chunk <= min(config.sliding_window, context):
@@ -83,7 +102,7 @@ def make_spec(model: str, target: str, quant: str | None, context: int | None, c
             f"--chunk must be between 1 and {min(config.sliding_window, context)} "
             f"(the sliding window {config.sliding_window} and the context {context})."
         )
-    return ExportSpec(context=context, chunk=chunk, scheme=scheme)
+    return ExportSpec(context=context, chunk=chunk, scheme=scheme, vision=vision_config)
 
 
 def grid_spec(spec: ExportSpec, target: str, quant: str | None, grid: QuantGrid) -> ExportSpec:
@@ -114,14 +133,19 @@ def export(
     chunk: int | None = None,
     out: str | Path | None = None,
     validate: bool = True,
+    vision: bool = False,
     log=print,
 ) -> Path:
-    """Write one bundle folder for `target` and return its path."""
-    from .load import load_model
+    """Write one bundle folder for `target` and return its path (`vision`: with the image encoder)."""
+    from .load import load_model, load_vision
 
-    spec = make_spec(model, target, quant, context, chunk)
+    spec = make_spec(model, target, quant, context, chunk, vision)
     exporter = _resolve(EXPORTERS, target)
     loaded = load_model(model, checkpoint=checkpoint, random_weights=random_weights, log=log)
+    encoder = None
+    if vision:
+        encoder = load_vision(model, loaded.model.config.hidden_size, checkpoint, random_weights, log=log)
+        loaded.model.model.image_token_id = spec.vision.image_token_index
     if loaded.grid is not None:
         spec = grid_spec(spec, target, quant, loaded.grid)
         log(f"  the checkpoint's {loaded.grid.scheme.name} QAT grid is stored as it is ({spec.scheme.name})")
@@ -132,6 +156,8 @@ def export(
     with staged(out) as folder:
         log(f"exporting {model} to {target} ({spec.scheme.name}, context {spec.context}, chunk {spec.chunk})")
         info = exporter(loaded.model, folder, spec, log)
+        if encoder is not None:
+            info["vision"] = _export_vision(encoder, folder, spec, log)
         grid_imported = info.pop("grid_imported", "exactly")
         qat_grid = loaded.grid is not None and spec.grid is loaded.grid  # not with --quant fp32/fp16
         loaded.tokenizer.save(folder / "tokenizer.model")
@@ -165,6 +191,26 @@ def export(
 
         validate_bundle(out, log=log)
     return out
+
+
+def _export_vision(encoder, folder: Path, spec: ExportSpec, log) -> dict:
+    """vision.onnx beside the decoder; the manifest's `vision` entry (how a runner feeds images)."""
+    from dataclasses import asdict
+
+    from .exporters.onnx import export_vision
+    from .images import PanAndScan
+
+    v = spec.vision
+    return {
+        **export_vision(encoder, folder, spec.scheme.name, log),
+        "vision_config": asdict(v.vision_config),
+        "image_size": v.vision_config.image_size,
+        "mm_tokens_per_image": v.mm_tokens_per_image,
+        "image_token_id": v.image_token_index,
+        "boi_id": v.boi_token_index,
+        "eoi_id": v.eoi_token_index,
+        "pan_and_scan": asdict(PanAndScan()),
+    }
 
 
 def gguf_grid(loaded) -> dict:

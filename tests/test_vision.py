@@ -206,3 +206,146 @@ def test_vision_weights_load_from_a_transformers_folder(pair, tmp_path):
     loaded = build_vision(VCFG, 64, state, str(tmp_path))
     for k, v in vision.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+# -- export: vision.onnx and a decoder that takes image_embeds ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def vision_bundle(tmp_path_factory):
+    """A tiny fp32 ONNX bundle exported with --vision (the user's path), once per session."""
+    from gemma3_export import pipeline
+
+    out = tmp_path_factory.mktemp("tiny-onnx-vision") / "bundle"
+    return pipeline.export(model="tiny", target="onnx", context=64, chunk=8, out=out, vision=True,
+                           validate=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    _image(90, 40, seed=1).save(folder / "wide.png")
+    _image(30, 30, seed=2).save(folder / "square.jpg")
+    return [str(folder / "wide.png"), str(folder / "square.jpg")]
+
+
+def test_the_vision_bundle_describes_both_artifacts(vision_bundle):
+    from gemma3_export.bundle import read_bundle
+
+    m = read_bundle(vision_bundle, verify=True).manifest
+    v = m["vision"]
+    assert v["artifact"] in m["files"] and v["mm_tokens_per_image"] == 4 and v["image_token_id"] == 262144
+    assert [i["name"] for i in v["inputs"]] == ["pixels"] and v["outputs"][0]["shape"] == ["N", 4, 64]
+    assert m["inputs"][-1] == {"name": "image_embeds", "shape": [1, "T", 64], "dtype": "float32"}
+
+
+def test_vision_onnx_matches_eager(vision_bundle):
+    from gemma3_export.bundle import read_bundle
+    from gemma3_export.runtimes.onnx import OnnxVisionEncoder
+
+    x = pixels(3, seed=7)
+    with torch.no_grad():
+        ref = tiny_vision()(x).numpy()  # the bundle's encoder: the same seeded weights
+    got = OnnxVisionEncoder.from_bundle(read_bundle(vision_bundle))(x.numpy())
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_vision_onnx_matches_its_grid(tmp_path, scheme):
+    from gemma3_export.exporters.onnx import export_vision, simulate_vision
+    from gemma3_export.runtimes.onnx import OnnxVisionEncoder
+
+    vision, x = tiny_vision(), pixels(2, seed=8)
+    info = export_vision(vision, tmp_path, scheme, log=lambda *_: None)
+    got = OnnxVisionEncoder(tmp_path / info["artifact"])(x.numpy())
+    with torch.no_grad():
+        grid, full = simulate_vision(vision, scheme)(x).numpy(), vision(x).numpy()
+    np.testing.assert_allclose(got, grid, atol=1e-4, rtol=0)  # exactly the grid it claims
+    rel = np.abs(got - full).max() / np.abs(full).max()
+    assert rel < (0.02 if scheme == "int8" else 0.2) and rel > 0  # and it is quantized
+    fp32 = sum(t.numel() * 4 for t in vision.state_dict().values())
+    assert info["weight_bytes"] < fp32 * (0.5 if scheme == "int8" else 0.4)
+
+
+def test_prefill_with_images_onnx_matches_eager(vision_bundle, image_files, pair):
+    """Two images, a prompt of ~5 windows through chunks of 8 on both runners, then decode."""
+    from gemma3_export.chat import open_source, with_images
+    from gemma3_export.generate import EagerRunner
+
+    runner, tok = open_source(bundle=str(vision_bundle), vision=True)
+    ids, images = with_images(tok.encode("Describe these."), runner, tok, image_files, False, chat=False)
+    text = pair[0]
+    eager = EagerRunner(text, max_context=64, chunk=8, image_token_id=VCFG.image_token_index)
+    with torch.no_grad():
+        ref_images = tiny_vision()(torch.from_numpy(
+            np.concatenate([image_pixels(__import__("PIL.Image").Image.open(f), 28) for f in image_files]))).numpy()
+    np.testing.assert_allclose(images, ref_images, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(runner.prefill(ids, images), eager.prefill(ids, ref_images), atol=1e-4, rtol=0)
+    for tok_id in (300, 301):
+        np.testing.assert_allclose(runner.decode(tok_id), eager.decode(tok_id), atol=1e-4, rtol=0)
+
+
+def test_generate_with_an_image_bundle_matches_eager(vision_bundle, image_files, capsys):
+    from gemma3_export.chat import generate_text
+
+    quiet = lambda *_: None  # noqa: E731
+    kw = dict(prompt="What is it?", image=image_files[:1], pan_and_scan=True, max_new_tokens=6, chat=True, log=quiet)
+    assert generate_text(bundle=str(vision_bundle), **kw) == generate_text(model="tiny", context=64, **kw)
+
+
+# -- bad input: one sentence, exit status 2 --------------------------------------------------------------
+
+
+def _cli(capsys, *argv):
+    from gemma3_export.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, err
+
+
+@pytest.mark.parametrize("content,message", [(b"", "is empty"), (b"not an image at all", "not an image Pillow can read")])
+def test_bad_image_files_are_one_sentence(capsys, tmp_path, content, message):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(content)
+    code, err = _cli(capsys, "generate", "--model", "tiny", "--prompt", "x", "--image", str(bad))
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_huge_and_zero_size_images_are_refused(tmp_path):
+    import struct
+    import zlib
+
+    from gemma3_export.errors import UserError
+    from gemma3_export.images import load_image
+
+    def png(w, h):  # a valid header is all Pillow reads before the size check
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+        chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+    (tmp_path / "huge.png").write_bytes(png(20000, 20000))
+    (tmp_path / "zero.png").write_bytes(png(0, 10))
+    (tmp_path / "large.png").write_bytes(png(10000, 6000))  # under Pillow's own limit, over ours
+    for name in ("huge.png", "large.png"):
+        with pytest.raises(UserError, match="more than the 50,000,000 pixels"):
+            load_image(tmp_path / name)
+    with pytest.raises(UserError, match="zero-size|not an image|damaged"):
+        load_image(tmp_path / "zero.png")
+
+
+@pytest.mark.parametrize("argv", [
+    ("generate", "--model", "1b", "--random-weights", "--prompt", "x", "--image", "{img}"),
+    ("--model", "270m", "--target", "onnx", "--vision"),
+    ("--model", "1b", "--target", "onnx", "--vision", "--random-weights"),
+    ("--model", "tiny", "--target", "onnx", "--vision", "--chunk", "2"),
+])
+def test_images_for_text_only_models_are_one_sentence(capsys, image_files, argv):
+    code, err = _cli(capsys, *[a.format(img=image_files[0]) for a in argv])
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "reads text only" in err or "at least 4" in err
+
+
+def test_an_image_to_a_text_only_bundle_is_one_sentence(capsys, tiny_bundle_of, image_files):
+    code, err = _cli(capsys, "generate", "--bundle", str(tiny_bundle_of("onnx")), "--prompt", "x", "--image", image_files[0])
+    assert code == 2 and "exported without --vision" in err and err.count("\n") == 1

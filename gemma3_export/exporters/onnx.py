@@ -118,6 +118,18 @@ class OnnxStep(nn.Module):
         return (logits.float(), *[t for c in self.caches for t in (c.k_out, c.v_out)])
 
 
+class OnnxMultimodalStep(OnnxStep):
+    """forward(tokens, input_pos, caches, image_embeds [1, T, H]) -> as OnnxStep (vision bundles only:
+    the rows of image_embeds where tokens hold the image soft token replace those embeddings)."""
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, caches: list[Tensor], image_embeds: Tensor) -> tuple[Tensor, ...]:
+        for i, cache in enumerate(self.caches):
+            cache.k, cache.v = caches[2 * i], caches[2 * i + 1]
+        h = self.text(tokens, input_pos, image_embeds)[:, -1]  # [1, H]
+        logits = h @ self.head_t if self.head_t is not None else self.lm_head(h)
+        return (logits.float(), *[t for c in self.caches for t in (c.k_out, c.v_out)])
+
+
 @contextlib.contextmanager
 def boundary_caches(model: nn.Module, context: int, dtype: torch.dtype) -> Iterator[None]:
     """Give the model BoundaryCaches for the export, and its own caches back afterwards."""
@@ -306,18 +318,24 @@ def _torch_export(model: nn.Module, spec, scheme: str):
     n = model.config.num_hidden_layers
     in_names, out_names = io_names(n)
     with boundary_caches(model, spec.context, dtype), torch.no_grad(), _quiet():
-        step = OnnxStep(model, separate_head=scheme in MATMUL_NBITS or scheme == "fp8").eval()
+        vision = getattr(spec, "vision", None) is not None  # the decoder of a vision bundle
+        step = (OnnxMultimodalStep if vision else OnnxStep)(model, separate_head=scheme in MATMUL_NBITS or scheme == "fp8").eval()
         caches = [torch.zeros(s, dtype=dtype) for c in step.caches for s in (_shape(model, c), _shape(model, c))]
         tokens = torch.zeros(1, min(2, spec.chunk), dtype=torch.long)
         t_dim = {1: torch.export.Dim("T", min=1, max=spec.chunk)} if spec.chunk > 1 else None
         dims = {"tokens": t_dim, "input_pos": None, "caches": [None] * len(caches)}
+        args = (tokens, torch.tensor([0]), caches)
+        if vision:
+            args += (torch.zeros(1, tokens.shape[1], model.config.hidden_size),)
+            dims["image_embeds"] = t_dim
+            in_names = [*in_names, "image_embeds"]
         program = torch.onnx.export(
-            step, (tokens, torch.tensor([0]), caches), dynamic_shapes=dims, input_names=in_names,
+            step, args, dynamic_shapes=dims, input_names=in_names,
             output_names=out_names, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
         )
         proto = program.model_proto
     for value in proto.graph.input:  # the exporter names the dynamic axis after a symbol
-        if value.name == "tokens" and spec.chunk > 1:
+        if value.name in ("tokens", "image_embeds") and spec.chunk > 1:
             value.type.tensor_type.shape.dim[1].dim_param = "T"
     _name_nodes(proto.graph)
     return proto
@@ -624,3 +642,62 @@ def quantize_fp8(proto, codes: Callable | None = None):
     ])
     _drop_unused_initializers(graph)
     return proto
+
+
+# -- the vision encoder (issue 8) -------------------------------------------------------------------
+
+VISION_ARTIFACT = "vision.onnx"
+VISION_SCHEMES = ("fp32", "int8", "int4")  # per-channel MatMulNBits on the encoder's and projector's matmuls
+
+
+def export_vision(vision: nn.Module, folder: Path, scheme: str, log=print) -> dict:
+    """Write vision.onnx: pixels float32[N, 3, S, S] (N = 1..8 images or crops) -> image_embeds
+    float32[N, tokens, text hidden]; return the manifest's `vision` fields. fp32, or int8/int4 weights
+    per output channel (MatMulNBits; the patch convolution stays fp32)."""
+    import onnx
+
+    if scheme not in VISION_SCHEMES:
+        raise UserError(f"The vision encoder exports as {', '.join(VISION_SCHEMES)} on onnx, not {scheme}.")
+    c = vision.config
+    size = c.vision_config.image_size
+    start = time.perf_counter()
+    with torch.no_grad(), _quiet():
+        n = torch.export.Dim("N", min=1, max=8)
+        program = torch.onnx.export(
+            vision.eval(), (torch.zeros(2, 3, size, size),), dynamic_shapes={"pixels": {0: n}},
+            input_names=["pixels"], output_names=["image_embeds"], dynamo=True, opset_version=OPSET,
+            optimize=True, verbose=False,
+        )
+    proto = program.model_proto
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    _name_nodes(proto.graph)
+    log(f"  vision encoder: torch.onnx.export, {len(proto.graph.node)} nodes in {time.perf_counter() - start:.1f} s")
+    if scheme != "fp32":
+        bits = NBITS[scheme][0]
+        _pack_nbits(proto.graph, None, lambda w: _signed(bits, *_round_per_channel(w, bits)))
+        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        _drop_unused_initializers(proto.graph)
+        log(f"  vision encoder: MatMulNBits {scheme} per channel")
+    weight_bytes = sum(_tensor_bytes(t) for t in proto.graph.initializer)
+    onnx.save_model(proto, folder / VISION_ARTIFACT)
+    inputs, outputs = _describe(proto)
+    return {"artifact": VISION_ARTIFACT, "inputs": inputs, "outputs": outputs, "scheme": scheme,
+            "weight_bytes": weight_bytes}
+
+
+def simulate_vision(vision: nn.Module, scheme: str) -> nn.Module:
+    """A copy of the eager encoder + projector on vision.onnx's grid (per-channel rounding)."""
+    vision = copy.deepcopy(vision)
+    if scheme == "fp32":
+        return vision
+    bits = NBITS[scheme][0]
+    with torch.no_grad():
+        for module in vision.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(fake_nbits(module.weight, bits, module.weight.shape[1]))
+        proj = vision.multi_modal_projector.mm_input_projection_weight  # [K, N], used as x @ w
+        proj.copy_(fake_nbits(proj.t(), bits, proj.shape[0]).t())
+    return vision
+

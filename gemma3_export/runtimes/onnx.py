@@ -42,7 +42,9 @@ class OnnxRunner(Runner):
         want = [v["name"] for v in inputs], [v["name"] for v in outputs]
         if got != want:
             raise UserError(f"{path} does not have the inputs and outputs its manifest lists; export the bundle again.")
-        self.cache_specs = [(v["name"], tuple(v["shape"]), np.dtype(v["dtype"])) for v in inputs[2:]]
+        self.cache_specs = [(v["name"], tuple(v["shape"]), np.dtype(v["dtype"])) for v in inputs[2:] if v["name"] != "image_embeds"]
+        # Vision bundles' decoders also take image_embeds [1, T, hidden] (zeros for text-only steps).
+        self.embed_width = next((v["shape"][-1] for v in inputs if v["name"] == "image_embeds"), None)
         self.cache_out = want[1][1:]
         self.vocab = outputs[0]["shape"][-1]
         self.binding = self.session.io_binding()
@@ -52,7 +54,10 @@ class OnnxRunner(Runner):
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> OnnxRunner:
         m = bundle.manifest
-        return cls(bundle.artifact, m["inputs"], m["outputs"], m["max_context"], m["prefill_chunk"], threads)
+        runner = cls(bundle.artifact, m["inputs"], m["outputs"], m["max_context"], m["prefill_chunk"], threads)
+        if "vision" in m:
+            runner.image_token_id = m["vision"]["image_token_id"]
+        return runner
 
     def _alloc(self) -> None:
         """Fresh zeroed caches (np.zeros: pages become resident only once written), bound in place."""
@@ -68,10 +73,21 @@ class OnnxRunner(Runner):
         self.binding.bind_ortvalue_output("logits", self._logits)
 
     def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        if self.embed_width is not None:
+            return self._step_images(tokens, pos, np.zeros((1, tokens.shape[1], self.embed_width), np.float32))
         self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         self.binding.bind_cpu_input("input_pos", np.array([pos], dtype=np.int64))
         self.session.run_with_iobinding(self.binding)
         return self._logits.numpy()[0].copy()  # the buffer is reused next step
+
+    def _step_images(self, tokens: np.ndarray, pos: int, image_embeds: np.ndarray) -> np.ndarray:
+        if self.embed_width is None:
+            raise UserError("This bundle was exported without --vision; it takes no images.")
+        self.binding.bind_cpu_input("image_embeds", np.ascontiguousarray(image_embeds, dtype=np.float32))
+        self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        self.binding.bind_cpu_input("input_pos", np.array([pos], dtype=np.int64))
+        self.session.run_with_iobinding(self.binding)
+        return self._logits.numpy()[0].copy()
 
     def _reset(self) -> None:
         self._alloc()
@@ -79,3 +95,30 @@ class OnnxRunner(Runner):
     def cache_arrays(self) -> list[np.ndarray]:
         """The current cache contents (copies), in input order: for tests and memory checks."""
         return [v.numpy() for v in self._caches]
+
+
+class OnnxVisionEncoder:
+    """vision.onnx in onnxruntime: preprocessed pixels [N, 3, S, S] -> image embeddings [N, tokens, hidden]."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise UserError(f"onnxruntime cannot load {path} ({type(e).__name__}); export the bundle again.") from None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> OnnxVisionEncoder:
+        if "vision" not in bundle.manifest:
+            raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
+        return cls(bundle.path / bundle.manifest["vision"]["artifact"], threads)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        out = [self.session.run(["image_embeds"], {"pixels": np.ascontiguousarray(p[None], np.float32)})[0] for p in pixels]
+        return np.concatenate(out)  # one image at a time: peak memory of one, any number of crops
+
