@@ -1,6 +1,6 @@
 """Vision encoder cost on this machine: the full-size SigLIP + projector (Gemma 3 4b/12b/27b, random
-weights) exported to vision.onnx per scheme, then per image: latency and the peak memory of a fresh
-process that loads the artifact and encodes; and the image tokens per request with and without
+weights) exported to vision.onnx per scheme, then per image: latency and the peak memory (VmHWM) of a
+fresh process that loads the artifact and encodes; and the image tokens per request with and without
 Pan & Scan for common image shapes (no model needed).
 
     python benchmarks/vision_bench.py --out docs/vision_bench.json [--schemes fp32 int8] [--images 3]
@@ -40,17 +40,28 @@ def token_counts(model: str) -> dict:
 
 
 def _measure(path: str, images: int, threads: int) -> dict:
-    """In a fresh process: load vision.onnx, encode `images` images one at a time; peak RSS."""
+    """In a fresh process: load vision.onnx, encode `images` images one at a time. Memory is VmHWM /
+    VmRSS from /proc/self/status: the child's own address space. ru_maxrss is NOT: Linux carries the
+    parent's peak RSS across fork + exec into the child's ru_maxrss, which is why every scheme once
+    read the same 6851 MiB (the parent's peak while it built and exported the 420M encoder)."""
     code = f"""
-import json, resource, time, numpy as np
+import json, time, numpy as np
 from pathlib import Path
+def mem():
+    f = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+    return {{k: int(f[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}}  # MiB
 from gemma3_export.runtimes.onnx import OnnxVisionEncoder
+base = mem()
 t = time.perf_counter(); enc = OnnxVisionEncoder(Path({path!r}), threads={threads}); load = time.perf_counter() - t
+loaded = mem()
 x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 896, 896)).astype(np.float32)
 times = []
 for _ in range({images}):
     t = time.perf_counter(); enc(x); times.append(time.perf_counter() - t)
-print(json.dumps({{"load_s": load, "per_image_s": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+end = mem()
+print(json.dumps({{"load_s": load, "per_image_s": times, "rss_before_load_mib": base["VmRSS"],
+                   "rss_after_load_mib": loaded["VmRSS"], "peak_rss_load_mib": loaded["VmHWM"],
+                   "peak_rss_mib": end["VmHWM"]}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
