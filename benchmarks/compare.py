@@ -6,7 +6,8 @@ optimum-executorch), on the real Gemma 3 270M, side by side in one run (docs/ben
         [--json docs/compare.json]
 
 Each (system, repeat) is a fresh child process, systems alternating run by run; figures are medians
-over repeats, compared as ratios within the run. A child loads the artifact, warms up, then times
+over repeats, compared as ratios within the run. A child loads the artifact, warms up (one full
+128-token prefill and two decode steps, then a reset), then times
 prefill of a 128-token prompt (time to first token = that prefill + the greedy pick), 128 decode
 steps after it, prefill of a 1024-token prompt, and reports its peak RSS (VmHWM). The first repeat
 also measures greedy-token agreement with the float model: on held-out prompts, teacher-forced on the
@@ -257,7 +258,9 @@ def child_run(name: str, path: str, threads: int, spec: dict) -> dict:
     start = time.perf_counter()
     s = open_system(name, path, threads)
     out = {"load_s": time.perf_counter() - start}
-    s.prefill(spec["short"][:8])  # warm-up (first-call allocations, kernel selection)
+    token = int(np.argmax(s.prefill(spec["short"])))  # warm-up: a full-size prefill and two decode steps
+    for _ in range(2):  # (first-call allocations, weight repacking, kernel selection stay out of the timings)
+        token = int(np.argmax(s.decode(token)))
     s.reset()
     start = time.perf_counter()
     logits = s.prefill(spec["short"])
@@ -472,6 +475,9 @@ def run_all(args, log) -> dict:
             if name in errors:
                 continue
             loads.append(os.getloadavg()[0])
+            saved = os.environ.get("OMP_WAIT_POLICY")
+            if name.startswith("llama.cpp") and args.llama_omp_wait:  # llama.cpp's threads are OpenMP's
+                os.environ["OMP_WAIT_POLICY"] = args.llama_omp_wait
             try:
                 row = child(CHILD, str(ROOT / "benchmarks"), name, str(path), str(args.threads),
                             str(spec_file if r == 0 else plain))
@@ -479,6 +485,10 @@ def run_all(args, log) -> dict:
                 errors[name] = str(e)[-1500:]
                 log(f"[{name}] failed: {errors[name][-400:]}")
                 continue
+            finally:
+                os.environ.pop("OMP_WAIT_POLICY", None)
+                if saved is not None:
+                    os.environ["OMP_WAIT_POLICY"] = saved
             runs[name].append(row)
             log(f"[{name}] round {r + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
     bw = statistics.median(b["read_2t_gb_s"] for b in bandwidth)
@@ -496,7 +506,7 @@ def run_all(args, log) -> dict:
         med["of_ceiling"] = med["decode_tok_s"] / ceiling["ceiling_tok_s"]
         results[name] = {"artifact": str(Path(paths[name]).relative_to(ROOT) if str(paths[name]).startswith(str(ROOT)) else paths[name]),
                          "median": med, "runs": rows}
-    return {"threads": args.threads, "repeats": args.repeats, "quick": args.quick,
+    return {"threads": args.threads, "repeats": args.repeats, "quick": args.quick, "llama_omp_wait": args.llama_omp_wait,
             "prompt_tokens": [len(spec["short"]), len(spec["long"])], "decode_tokens": spec["decode"],
             "agreement": {"prompts": len(spec["agree_prompts"]), "prompt_tokens": len(spec["agree_prompts"][0]),
                           "steps_each": spec["agree_steps"]},
@@ -533,6 +543,10 @@ def main() -> None:
     ap.add_argument("--genai-python", default=sys.executable,
                     help="interpreter whose onnxruntime-genai builds the model (default: this one)")
     ap.add_argument("--optimum-cli", default="optimum-cli", help="optimum-executorch's optimum-cli")
+    ap.add_argument("--llama-omp-wait", default="PASSIVE",
+                    help="OMP_WAIT_POLICY for llama.cpp's child ('' keeps the environment's; OpenMP's default "
+                    "spins, which on a shared 2-core machine cut its decode 4x in our runs; our ONNX runner "
+                    "disables spinning too)")
     ap.add_argument("--build-only", action="store_true", help="build the missing artifacts and stop")
     ap.add_argument("--ratios-to", default="llama.cpp-q4km", help="the system ratios are taken against")
     ap.add_argument("--json", help="write the results here")
