@@ -65,14 +65,11 @@ def _eager_vision(runner: EagerRunner, loaded, model: str, checkpoint, random_we
 
 def _bundle_vision(runner: Runner, bundle) -> None:
     from .images import vision_config_of
-    from .runtimes.onnx import OnnxVisionEncoder
+    from .pipeline import open_vision_encoder
 
-    if "vision" not in bundle.manifest:
-        raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
-    if bundle.target != "onnx":
-        raise UserError(f"Images run on onnx bundles so far, not {bundle.target}.")
+    encoder = open_vision_encoder(bundle)  # one sentence for a bundle without --vision
     runner.vision_config = vision_config_of(bundle.manifest["vision"])
-    runner.encode_images = OnnxVisionEncoder.from_bundle(bundle)
+    runner.encode_images = encoder
 
 
 def _check_images(paths: list[str] | None) -> None:

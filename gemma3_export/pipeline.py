@@ -38,6 +38,10 @@ RUNTIMES = {
     "executorch": "gemma3_export.runtimes.executorch:ExecuTorchRunner",
     "coreml": "gemma3_export.runtimes.coreml:CoreMLRunner",
 }
+VISION_RUNTIMES = {  # a bundle's vision artifact: pixels [N, 3, S, S] -> image embeddings
+    "onnx": "gemma3_export.runtimes.onnx:OnnxVisionEncoder",
+    "executorch": "gemma3_export.runtimes.executorch:ExecuTorchVisionEncoder",
+}
 TARGETS = tuple(EXPORTERS)
 # A QAT checkpoint's grid (fake_quant.QATScheme name) -> the export scheme that stores it exactly, per
 # target. Core ML is absent: coremltools computes its own scales (docs/qat.md).
@@ -70,8 +74,13 @@ class ExportSpec:
     vision: VisionConfig | None = None
 
 
-# Targets that export the vision encoder (a second artifact) so far.
-VISION_TARGETS = ("onnx",)
+# Targets that export the vision encoder (a second artifact, `export_vision` in the exporter) so far.
+VISION_TARGETS = ("onnx", "executorch")
+
+
+def _vision_exporter(target: str):
+    """The target's exporter module, which holds `export_vision`, `VISION_SCHEMES` (and `VISION_DEFAULT`)."""
+    return importlib.import_module(EXPORTERS[target].split(":")[0])
 
 
 def make_spec(model: str, target: str, quant: str | None, context: int | None, chunk: int | None,
@@ -83,12 +92,13 @@ def make_spec(model: str, target: str, quant: str | None, context: int | None, c
     vision_config = vision_preset(model) if vision else None
     if vision and target not in VISION_TARGETS:
         raise UserError(f"--vision exports to {', '.join(VISION_TARGETS)} so far, not {target}.")
+    if vision:
+        quant = quant or getattr(_vision_exporter(target), "VISION_DEFAULT", None)
     scheme = check_scheme(target, quant)
     if vision:
-        from .exporters.onnx import VISION_SCHEMES
-
-        if scheme.name not in VISION_SCHEMES:
-            raise UserError(f"--vision takes --quant {', '.join(VISION_SCHEMES)}, not {scheme.name}.")
+        schemes = _vision_exporter(target).VISION_SCHEMES
+        if scheme.name not in schemes:
+            raise UserError(f"--vision on {target} takes --quant {', '.join(schemes)}, not {scheme.name}.")
     context = context or min(DEFAULT_CONTEXT, config.max_position_embeddings)
     # An image block is never split across prefill chunks (docs/decisions.md): a vision chunk holds one.
     least = vision_config.mm_tokens_per_image if vision else 1
@@ -157,7 +167,7 @@ def export(
         log(f"exporting {model} to {target} ({spec.scheme.name}, context {spec.context}, chunk {spec.chunk})")
         info = exporter(loaded.model, folder, spec, log)
         if encoder is not None:
-            info["vision"] = _export_vision(encoder, folder, spec, log)
+            info["vision"] = _export_vision(encoder, folder, spec, target, log)
         grid_imported = info.pop("grid_imported", "exactly")
         qat_grid = loaded.grid is not None and spec.grid is loaded.grid  # not with --quant fp32/fp16
         loaded.tokenizer.save(folder / "tokenizer.model")
@@ -193,16 +203,15 @@ def export(
     return out
 
 
-def _export_vision(encoder, folder: Path, spec: ExportSpec, log) -> dict:
-    """vision.onnx beside the decoder; the manifest's `vision` entry (how a runner feeds images)."""
+def _export_vision(encoder, folder: Path, spec: ExportSpec, target: str, log) -> dict:
+    """The target's vision artifact beside the decoder; the manifest's `vision` entry (how a runner feeds images)."""
     from dataclasses import asdict
 
-    from .exporters.onnx import export_vision
     from .images import PanAndScan
 
     v = spec.vision
     return {
-        **export_vision(encoder, folder, spec.scheme.name, log),
+        **_vision_exporter(target).export_vision(encoder, folder, spec.scheme.name, log),
         "vision_config": asdict(v.vision_config),
         "image_size": v.vision_config.image_size,
         "mm_tokens_per_image": v.mm_tokens_per_image,
@@ -233,3 +242,12 @@ def open_runner(bundle: str | Path | Bundle):
     """A Runner over the bundle's artifact, in the runtime its manifest names."""
     b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     return _resolve(RUNTIMES, b.target).from_bundle(b)
+
+
+def open_vision_encoder(bundle: Bundle):
+    """The bundle's vision artifact in its runtime: `encoder(pixels [N, 3, S, S]) -> [N, tokens, hidden]`."""
+    if "vision" not in bundle.manifest:
+        raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
+    if bundle.target not in VISION_RUNTIMES:
+        raise UserError(f"Images run on {', '.join(VISION_RUNTIMES)} bundles so far, not {bundle.target}.")
+    return _resolve(VISION_RUNTIMES, bundle.target).from_bundle(bundle)

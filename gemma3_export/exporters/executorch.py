@@ -109,8 +109,9 @@ def metadata(model: Gemma3ForCausalLM, context: int, chunk: int) -> dict[str, ob
     }
 
 
-def to_program(model: Gemma3ForCausalLM, context: int, chunk: int, log=print):
-    """torch.export -> XNNPACK -> ExecuTorch program (`.buffer` is the .pte). Modifies `model`."""
+def to_program(model: Gemma3ForCausalLM, context: int, chunk: int, log=print, image_embeds: bool = False):
+    """torch.export -> XNNPACK -> ExecuTorch program (`.buffer` is the .pte). Modifies `model`.
+    `image_embeds`: forward takes a third input, image_embeds float32[1, T, hidden] (vision bundles)."""
     from torch.export import Dim
 
     model.setup_caches(context)
@@ -121,6 +122,9 @@ def to_program(model: Gemma3ForCausalLM, context: int, chunk: int, log=print):
     # Dim("T", min=1) fails: the solver cannot prove view-contiguity guards that hold for every T >= 1.
     # DYNAMIC accepts them (range [2, chunk], the usual 0/1 specialization); T = 1 still runs (tested).
     dynamic = ({1: Dim.DYNAMIC(min=1, max=chunk)} if chunk > 1 else None, None)
+    if image_embeds:
+        example += (torch.zeros(1, chunk, model.config.hidden_size),)
+        dynamic += (dynamic[0],)
     start = time.perf_counter()
     with torch.no_grad():
         ep = torch.export.export(model, example, dynamic_shapes=dynamic, strict=False)
@@ -167,7 +171,7 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec: ExportSpec, log=print) 
     if spec.scheme.name != "fp32":
         log(f"  quantizing with torchao ({spec.scheme.description})")
     quantize(model, spec.scheme.name, spec.grid)
-    program = to_program(model, spec.context, spec.chunk, log)
+    program = to_program(model, spec.context, spec.chunk, log, image_embeds=spec.vision is not None)
     initialized = initialized_buffers(program)
     if len(initialized) != 2 * config.num_hidden_layers:
         raise RuntimeError(f"expected every k/v cache buffer to be initialised, got {initialized}")
@@ -179,6 +183,7 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec: ExportSpec, log=print) 
         "inputs": [
             {"name": "tokens", "shape": [1, "T"], "dtype": "int64"},
             {"name": "input_pos", "shape": [1], "dtype": "int64"},
+            *([{"name": "image_embeds", "shape": [1, "T", config.hidden_size], "dtype": "float32"}] if spec.vision else []),
         ],
         "outputs": [{"name": "logits", "shape": [1, config.vocab_size], "dtype": "float32"}],
         "cache_dtype": "float32",
@@ -195,3 +200,63 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec: ExportSpec, log=print) 
         **({"grid_imported": "codes exactly; the linears' int4 scales rounded to bfloat16, as XNNPACK stores them"}
            if spec.grid is not None else {}),
     }
+
+
+# -- the vision encoder (issue 8) -------------------------------------------------------------------
+
+VISION_ARTIFACT = "vision.pte"
+# Per-channel 8da weights only: blocks of 32 do not divide SigLIP's MLP width (4304). Weight-only
+# configs are out (they lower to XNNPACK with wrong numbers, STACK.md).
+VISION_SCHEMES = ("fp32", "8da4w-pc", "8da8w")
+VISION_DEFAULT = "8da4w-pc"  # --vision without --quant (the decoder's default 8da4w cannot take it)
+# validate's reference kind per scheme: torchao's eager dynamic activations round like XNNPACK's, not bit-exactly
+VISION_REFERENCE = {"8da4w-pc": "dynamic activations", "8da8w": "dynamic activations"}
+
+
+def quantize_vision(vision: nn.Module, scheme: str) -> nn.Module:
+    """The encoder's linears IN PLACE as int8 dynamic activations x per-channel int4/int8 weights (the
+    patch convolution and the projector's matmul stay fp32); the eager reference runs the same."""
+    if scheme == "fp32":
+        return vision.requires_grad_(False)
+    from torchao.quantization import quantize_
+
+    linear, _ = quant_configs(scheme)
+    quantize_(vision, linear, filter_fn=lambda m, _: isinstance(m, nn.Linear))
+    return vision.requires_grad_(False)
+
+
+def export_vision(vision: nn.Module, folder: Path, scheme: str, log=print) -> dict:
+    """Write vision.pte: `forward(pixels float32[1, 3, S, S]) -> image_embeds float32[1, tokens, text
+    hidden]`, one image (or crop) per call, lowered to XNNPACK; return the manifest's `vision` fields.
+    Its own program: a second method in model.pte would break the stock runner (STACK.md). Modifies
+    `vision` (quantized)."""
+    from ..errors import UserError
+
+    if scheme not in VISION_SCHEMES:
+        raise UserError(f"The vision encoder exports as {', '.join(VISION_SCHEMES)} on executorch, not {scheme}.")
+    start = time.perf_counter()
+    c = vision.config
+    size, tokens = c.vision_config.image_size, c.mm_tokens_per_image
+    hidden = vision.multi_modal_projector.mm_input_projection_weight.shape[1]
+    quantize_vision(vision.eval(), scheme)
+    with torch.no_grad():
+        ep = torch.export.export(vision, (torch.zeros(1, 3, size, size),), strict=False)
+    program = lower(ep)
+    path = folder / VISION_ARTIFACT
+    path.write_bytes(program.buffer)
+    log(f"  wrote {VISION_ARTIFACT} ({path.stat().st_size / 2**20:.1f} MiB, {scheme}) in {time.perf_counter() - start:.0f} s")
+    return {
+        "artifact": VISION_ARTIFACT,
+        "inputs": [{"name": "pixels", "shape": [1, 3, size, size], "dtype": "float32"}],
+        "outputs": [{"name": "image_embeds", "shape": [1, tokens, hidden], "dtype": "float32"}],
+        "scheme": scheme,
+        "weight_bytes": path.stat().st_size,
+        "method": "forward",
+    }
+
+
+def simulate_vision(vision: nn.Module, scheme: str) -> nn.Module:
+    """A copy of the eager encoder + projector with vision.pte's torchao quantization (validate's reference)."""
+    import copy
+
+    return quantize_vision(copy.deepcopy(vision), scheme)

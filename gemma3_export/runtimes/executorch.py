@@ -46,10 +46,17 @@ class ExecuTorchRunner(Runner):
         except RuntimeError as e:
             raise UserError(f"ExecuTorch could not load {self.path} ({e}).") from None
 
+    # Vision bundles' programs take image_embeds [1, T, hidden] as a third input (zeros for text steps).
+    embed_width: int | None = None
+
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> ExecuTorchRunner:
         m = bundle.manifest
-        return cls(bundle.artifact, m["max_context"], m["prefill_chunk"], threads)
+        runner = cls(bundle.artifact, m["max_context"], m["prefill_chunk"], threads)
+        runner.embed_width = next((v["shape"][-1] for v in m["inputs"] if v["name"] == "image_embeds"), None)
+        if "vision" in m:
+            runner.image_token_id = m["vision"]["image_token_id"]
+        return runner
 
     def metadata(self, name: str):
         """A constant method's value (`get_max_seq_len`, `get_eos_ids`, ...), as the stock runner reads it."""
@@ -57,9 +64,45 @@ class ExecuTorchRunner(Runner):
         return list(values) if len(values) > 1 or name == "get_eos_ids" else values[0]
 
     def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        if self.embed_width is not None:
+            return self._step_images(tokens, pos, np.zeros((1, tokens.shape[1], self.embed_width), np.float32))
         # tokens int64 [1, T]; the position is a one-element tensor, as the stock runner passes it
         (logits,) = self.method.execute([torch.from_numpy(np.ascontiguousarray(tokens)), torch.tensor([pos])])
         return logits[0].clone().numpy()  # [vocab]; the output buffer is reused by the next call
 
+    def _step_images(self, tokens: np.ndarray, pos: int, image_embeds: np.ndarray) -> np.ndarray:
+        if self.embed_width is None:
+            raise UserError("This bundle was exported without --vision; it takes no images.")
+        inputs = [torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)), torch.tensor([pos]),
+                  torch.from_numpy(np.ascontiguousarray(image_embeds, dtype=np.float32))]
+        (logits,) = self.method.execute(inputs)
+        return logits[0].clone().numpy()
+
     def _reset(self) -> None:
         pass  # masks come from positions; see the module docstring
+
+
+class ExecuTorchVisionEncoder:
+    """vision.pte in ExecuTorch's runtime: preprocessed pixels [N, 3, S, S] -> image embeddings
+    [N, tokens, hidden], one image (or crop) per call."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        from executorch.runtime import Runtime
+
+        if threads:
+            set_threads(threads)
+        try:
+            self.method = Runtime.get().load_program(Path(path)).load_method("forward")
+        except RuntimeError as e:
+            raise UserError(f"ExecuTorch could not load {path} ({e}).") from None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> ExecuTorchVisionEncoder:
+        if "vision" not in bundle.manifest:
+            raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
+        return cls(bundle.path / bundle.manifest["vision"]["artifact"], threads)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        out = [self.method.execute([torch.from_numpy(np.ascontiguousarray(p[None], np.float32))])[0].clone().numpy()
+               for p in pixels]
+        return np.concatenate(out)
