@@ -184,7 +184,9 @@ class Gemma3TextModel(nn.Module):
         is_image = tokens == self.image_token_id  # [1, T]
         x = self.embed_tokens(torch.where(is_image, 0, tokens)) * self.embed_scale
         x = torch.where(is_image[..., None], image_embeds.to(x.dtype), x)
-        return x, image_blocks(is_image[0])
+        # One token is its own block at most, which causality already allows (and Core ML's T = 1
+        # decode function does not convert the block gather).
+        return x, image_blocks(is_image[0]) if tokens.shape[1] > 1 else None
 
 
 class Gemma3ForCausalLM(nn.Module):

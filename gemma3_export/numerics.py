@@ -160,13 +160,19 @@ class GraphProxy:
             buf.zero_()
 
     @torch.no_grad()
-    def run(self, name: str, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        """One call of program `name`; returns its user output (the logits) and updates the state."""
+    def run(self, name: str, tokens: Tensor | None = None, input_pos: Tensor | None = None, **inputs: Tensor) -> Tensor:
+        """One call of program `name`; returns its user output (the logits) and updates the state.
+        Other user inputs by name (`image_embeds` of a vision decoder: zeros when not given; `pixels`)."""
         ep = self.programs[name]
+        given = {"tokens": tokens, "input_pos": input_pos, **inputs}
         args = []
         for spec in ep.graph_signature.input_specs:
             if spec.kind == InputKind.USER_INPUT:
-                args.append({"tokens": tokens, "input_pos": input_pos}[spec.arg.name])
+                value = given.get(spec.arg.name)
+                if value is None and spec.arg.name == "image_embeds":  # a text-only step
+                    width = next(n for n in ep.graph.nodes if n.name == spec.arg.name).meta["val"].shape[-1]
+                    value = torch.zeros(1, tokens.shape[1], width)
+                args.append(value)
             elif spec.kind == InputKind.BUFFER and spec.target in self.state:
                 args.append(self.state[spec.target])
             elif spec.kind == InputKind.BUFFER:

@@ -41,6 +41,7 @@ RUNTIMES = {
 VISION_RUNTIMES = {  # a bundle's vision artifact: pixels [N, 3, S, S] -> image embeddings
     "onnx": "gemma3_export.runtimes.onnx:OnnxVisionEncoder",
     "executorch": "gemma3_export.runtimes.executorch:ExecuTorchVisionEncoder",
+    "coreml": "gemma3_export.runtimes.coreml:CoreMLVisionEncoder",
 }
 TARGETS = tuple(EXPORTERS)
 # A QAT checkpoint's grid (fake_quant.QATScheme name) -> the export scheme that stores it exactly, per
@@ -75,7 +76,7 @@ class ExportSpec:
 
 
 # Targets that export the vision encoder (a second artifact, `export_vision` in the exporter) so far.
-VISION_TARGETS = ("onnx", "executorch")
+VISION_TARGETS = ("onnx", "executorch", "coreml")
 
 
 def _vision_exporter(target: str):

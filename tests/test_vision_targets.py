@@ -1,4 +1,4 @@
-"""Vision (issue 8) on ExecuTorch: the tiny
+"""Vision (issue 8) on ExecuTorch and Core ML: the tiny
 multimodal preset with seeded random weights (the same encoder as tests/test_vision.py)."""
 
 from __future__ import annotations
@@ -128,12 +128,116 @@ def test_text_steps_of_an_et_vision_bundle_match_eager(et_vision_bundle):
     np.testing.assert_allclose(runner.decode(7), eager.decode(7), atol=1e-4, rtol=0)
 
 
+# -- Core ML: vision.mlpackage and a decoder that takes image_embeds (structure + the fp16 proxy) --------
+
+PROXY_REL = 1e-2  # fp16 compute: largest |proxy - fp32 eager| over the output's scale (weights fp16-rounded)
+
+
+@pytest.fixture(scope="session")
+def coreml_vision_bundle(tmp_path_factory):
+    """A tiny fp16 Core ML bundle exported with --vision: model.mlpackage and vision.mlpackage."""
+    out = tmp_path_factory.mktemp("tiny-coreml-vision") / "bundle"
+    return pipeline.export(model="tiny", target="coreml", context=64, chunk=8, out=out, vision=True,
+                           validate=False, log=QUIET)
+
+
+def test_the_coreml_vision_bundle_has_the_packages_its_manifest_describes(coreml_vision_bundle):
+    from gemma3_export.runtimes.coreml import check_package, describe_package
+
+    b = read_bundle(coreml_vision_bundle, verify=True)
+    m, v = b.manifest, b.manifest["vision"]
+    assert v["artifact"] == "vision.mlpackage" and v["scheme"] == "fp16" and v["compute_precision"] == "fp16"
+    d = describe_package(coreml_vision_bundle / v["artifact"])
+    main = d["functions"]["main"]
+    assert main["inputs"] == v["inputs"] == [{"name": "pixels", "shape": [1, 3, 28, 28], "dtype": "float32"}]
+    assert main["outputs"] == v["outputs"] == [{"name": "image_embeds", "shape": [1, 4, 64], "dtype": "float32"}]
+    assert main["states"] == []
+    n = sum(t.numel() for t in tiny_vision().state_dict().values() if t.dim() >= 2)
+    assert 0.99 * n <= d["weight_elements"]["float16"]
+    assert d["weight_elements"].get("float32", 0) <= 32  # only the projector's RMSNorm gain (an fp32 island)
+    assert check_package(b.artifact, m) == []  # the decoder: both functions take image_embeds
+    decode = describe_package(b.artifact)["functions"]["decode"]
+    assert decode["inputs"][-1] == {"name": "image_embeds", "shape": [1, 1, 64], "dtype": "float32"}
+    assert m["inputs"][-1] == {"name": "image_embeds", "shape": [1, "T", 64], "dtype": "float32"}
+
+
+def test_coreml_vision_fp16_proxy_matches_eager(coreml_vision_bundle):
+    from gemma3_export.runtimes.coreml import PROXY_NOTE, CoreMLVisionEncoder
+
+    encoder = CoreMLVisionEncoder.from_bundle(read_bundle(coreml_vision_bundle), proxy=True)
+    x = pixels(2, seed=7)
+    with torch.no_grad():
+        ref = tiny_vision()(x).numpy()
+    got = encoder(x.numpy())
+    assert encoder.runtime_note == PROXY_NOTE and got.shape == ref.shape
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < rel < PROXY_REL  # fp16 compute: close, and not the fp32 graph
+
+
+def test_coreml_int8_vision_package_holds_int8_weights_on_the_simulated_grid(tmp_path):
+    from gemma3_export.exporters.coreml import export_vision, simulate_vision, trace_vision
+    from gemma3_export.runtimes.coreml import vision_params
+
+    vision = tiny_vision()
+    info = export_vision(vision, tmp_path, "int8", log=QUIET)
+    linear = sum(m.weight.numel() for m in vision.modules() if isinstance(m, torch.nn.Linear))
+    proj = vision.multi_modal_projector.mm_input_projection_weight
+    assert info["weight_elements"]["int8"] == linear + proj.numel()
+    stored = vision_params(tmp_path / info["artifact"], trace_vision(tiny_vision()))  # what the proxy runs
+    sim = dict(simulate_vision(vision, "int8").named_parameters())
+    matrices = [k for k, w in sim.items() if w.dim() == 2 and "position_embedding" not in k]
+    assert len(matrices) == 2 * 6 + 1  # q, k, v, out, fc1, fc2 per layer, the projector
+    for name in matrices:  # the grid validate's reference uses is the package's, exactly
+        assert torch.equal(stored[name], sim[name]), name
+        assert not torch.equal(sim[name], dict(vision.named_parameters())[name])  # and it is a grid
+
+
+def test_prefill_with_images_coreml_proxy_matches_eager(coreml_vision_bundle, image_files):
+    """Two images through the Core ML proxy (each image block inside one full prefill chunk), then
+    decode, against the fp32 eager model: fp16 proxy tolerances, the same greedy tokens."""
+    from gemma3_export.chat import open_source, with_images
+    from gemma3_export.generate import EagerRunner
+    from gemma3_export.images import image_runs
+
+    runner, tok = open_source(bundle=str(coreml_vision_bundle), vision=True)
+    ids, images = with_images(tok.encode("Describe these."), runner, tok, image_files, False, chat=False)
+    plan = runner.chunk_plan(len(ids), image_runs(ids, VCFG.image_token_index))
+    starts = np.cumsum([0, *plan])
+    assert sum(plan) == len(ids) and len(plan) > 3
+    for a, b in image_runs(ids, VCFG.image_token_index):  # each block inside one prefill call of T = 8
+        i = np.searchsorted(starts, a, side="right") - 1
+        assert plan[i] == 8 and starts[i] + 8 >= b
+    eager_runner, _ = open_source(model="tiny", context=64, vision=True, log=QUIET)
+    _, ref_images = with_images(tok.encode("Describe these."), eager_runner, tok, image_files, False, chat=False)
+    eager = EagerRunner(tiny_model(), max_context=64, chunk=8, image_token_id=VCFG.image_token_index)
+    got, ref = runner.prefill(ids, images), eager.prefill(ids, ref_images)
+    assert np.abs(got - ref).max() < 0.15 and got.argmax() == ref.argmax()
+    for tok_id in (300, 301):
+        got, ref = runner.decode(tok_id), eager.decode(tok_id)
+        assert np.abs(got - ref).max() < 0.15 and got.argmax() == ref.argmax()
+
+
+def test_coreml_chunk_plan_puts_each_image_in_one_full_chunk():
+    from gemma3_export.errors import UserError
+    from gemma3_export.runtimes.coreml import CoreMLRunner
+
+    r = CoreMLRunner.__new__(CoreMLRunner)
+    r.chunk = 8
+    assert r.chunk_plan(20, [(3, 7)]) == [1, 1, 1, 8, 8, 1]  # the block starts a full chunk
+    assert r.chunk_plan(12, [(8, 12)]) == [1, 1, 1, 1, 8]  # too few tokens follow: the chunk starts earlier
+    assert r.chunk_plan(30, [(10, 14), (15, 19)]) == [1] * 7 + [8, 8, 7]  # ends before the next block
+    assert r.chunk_plan(30, [(10, 13), (14, 17)]) == [8, 1, 1, 8, 8, 4]  # one chunk holds both blocks
+    assert r.chunk_plan(10, []) == [8, 2]
+    with pytest.raises(UserError, match="one full chunk of 8"):
+        r.chunk_plan(6, [(1, 5)])
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("argv,message", [
     (("--model", "tiny", "--target", "executorch", "--vision", "--quant", "8da4w"), "takes --quant fp32, 8da4w-pc, 8da8w"),
-    (("--model", "tiny", "--target", "coreml", "--vision"), "so far, not coreml"),
+    (("--model", "tiny", "--target", "coreml", "--vision", "--quant", "int4"), "takes --quant fp16, fp32, int8"),
 ])
 def test_unsupported_vision_exports_are_one_sentence(capsys, argv, message):
     from gemma3_export.cli import main

@@ -86,9 +86,12 @@ def _where_scalar_other(cond: Tensor, x: Tensor, other: float) -> Tensor:
     return torch.ops.aten.where.self(cond, x, torch.ops.aten.full_like.default(x, max(other, MASK_FILL)))
 
 
-def trace(model: Gemma3ForCausalLM, T: int):
-    """torch.export of one cached step over tokens[1, T]; decomposed the way coremltools converts."""
+def trace(model: Gemma3ForCausalLM, T: int, image_embeds: bool = False):
+    """torch.export of one cached step over tokens[1, T] (and image_embeds [1, T, hidden] for a vision
+    bundle); decomposed the way coremltools converts."""
     args = (torch.zeros(1, T, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    if image_embeds:
+        args += (torch.zeros(1, T, model.config.hidden_size),)
     with torch.no_grad():
         ep = torch.export.export(model, args, strict=False)
     return ep.run_decompositions({torch.ops.aten.where.ScalarOther: _where_scalar_other})
@@ -96,8 +99,9 @@ def trace(model: Gemma3ForCausalLM, T: int):
 
 # -- conversion ---------------------------------------------------------------------------------
 
-def convert(ep, T: int, fp16: bool, fp32_blocks: list[str], target: str = "iOS18"):
-    """ct.convert one traced step: states from the cache buffers, named int32 inputs, fp32 logits."""
+def convert(ep, T: int, fp16: bool, fp32_blocks: list[str], target: str = "iOS18", image_embeds: int | None = None):
+    """ct.convert one traced step: states from the cache buffers, named int32 inputs, fp32 logits;
+    `image_embeds` (the text width): a third input, image_embeds float32[1, T, width]."""
     import coremltools as ct
 
     from ..numerics import op_selector, tag_precision
@@ -114,7 +118,9 @@ def convert(ep, T: int, fp16: bool, fp32_blocks: list[str], target: str = "iOS18
             minimum_deployment_target=getattr(ct.target, target),
             compute_precision=precision,
             inputs=[ct.TensorType(name="tokens", shape=(1, T), dtype=np.int32),
-                    ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32)],
+                    ct.TensorType(name="input_pos", shape=(1,), dtype=np.int32),
+                    *([ct.TensorType(name="image_embeds", shape=(1, T, image_embeds), dtype=np.float32)]
+                      if image_embeds else [])],
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
             skip_model_load=True,
         )
@@ -239,7 +245,8 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
     scheme, C = spec.scheme.name, spec.chunk
     tokenizer = tokenizer or _default_tokenizer(model.config)
     prepare(model, spec.context)
-    programs = {"prefill": trace(model, C), "decode": trace(model, 1)}
+    width = model.config.hidden_size if spec.vision else None  # vision bundles: image_embeds in
+    programs = {"prefill": trace(model, C, bool(width)), "decode": trace(model, 1, bool(width))}
     log(f"  traced prefill (T={C}) and decode (T=1) in {time.perf_counter() - start:.1f} s")
     report = check_numerics(programs, scheme, tokenizer, spec.context, C, log)
     log(f"  fp16 check over {report.tokens} tokens: fp32 blocks {report.fp32_blocks or 'none'}")
@@ -247,7 +254,7 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
         paths = {}
         for name, T in (("prefill", C), ("decode", 1)):
             t0 = time.perf_counter()
-            mlmodel = convert(programs.pop(name), T, scheme != "fp32", report.fp32_blocks)
+            mlmodel = convert(programs.pop(name), T, scheme != "fp32", report.fp32_blocks, image_embeds=width)
             paths[name] = save_function(mlmodel, scheme, Path(tmp) / f"{name}.mlpackage")
             del mlmodel  # one function's weights in memory at a time
             log(f"  converted {name} in {time.perf_counter() - t0:.1f} s")
@@ -282,7 +289,8 @@ def _manifest_fields(package: dict, report, scheme: str, C: int) -> dict:
     decode = package["functions"]["decode"]
     return {
         "artifact": ARTIFACT,
-        "inputs": [{**i, "shape": [1, "T"]} if i["name"] == "tokens" else i for i in decode["inputs"]],
+        "inputs": [{**i, "shape": [1, "T", *i["shape"][2:]]} if i["name"] in ("tokens", "image_embeds") else i
+                   for i in decode["inputs"]],
         "outputs": decode["outputs"],
         "cache_dtype": "float16",
         "prefill_chunks": sorted({C, 1}, reverse=True),
@@ -310,3 +318,93 @@ def _check_text() -> str:
     from importlib import resources
 
     return resources.files("gemma3_export").joinpath("data/validation.txt").read_text()
+
+
+# -- the vision encoder (issue 8) -------------------------------------------------------------------
+
+VISION_ARTIFACT = "vision.mlpackage"
+VISION_SCHEMES = ("fp16", "fp32", "int8")  # int8: per-channel weights of every linear and the projector
+VISION_REFERENCE = {"fp16": "fp16", "int8": "fp16"}  # validate's reference kind (the fp16 proxy on Linux)
+
+
+def trace_vision(vision) -> object:
+    """torch.export of the encoder + projector over one image, pixels [1, 3, S, S]."""
+    size = vision.config.vision_config.image_size
+    with torch.no_grad():
+        ep = torch.export.export(vision.float().eval().requires_grad_(False), (torch.zeros(1, 3, size, size),), strict=False)
+    return ep.run_decompositions({})
+
+
+def vision_weight_consts(mlmodel) -> list[str]:
+    """Names of the rank-2 const ops that feed a linear's weight or a matmul's second operand."""
+    names = []
+    for op in (op for f in _program(mlmodel).functions.values() for op in f.operations):
+        var = op.inputs.get("weight") if op.op_type == "linear" else op.inputs.get("y") if op.op_type == "matmul" else None
+        if var is not None and var.op is not None and var.op.op_type == "const" and var.rank == 2:
+            names.append(var.op.name)
+    return sorted(set(names))
+
+
+def export_vision(vision, folder: Path, scheme: str, log=print) -> dict:
+    """Write vision.mlpackage: `pixels float32[1, 3, S, S] -> image_embeds float32[1, tokens, hidden]`,
+    fp16 compute (the projector's RMSNorm fp32, as `numerics.tag_precision` picks) or fp32; int8: every
+    linear's and the projector's weights per channel through coremltools' linear_quantize_weights (the
+    patch convolution stays fp16). Returns the manifest's `vision` fields."""
+    import coremltools as ct
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+    from ..numerics import op_selector, tag_precision
+    from ..runtimes.coreml import describe_package
+
+    if scheme not in VISION_SCHEMES:
+        raise UserError(f"The vision encoder exports as {', '.join(VISION_SCHEMES)} on coreml, not {scheme}.")
+    start = time.perf_counter()
+    size = vision.config.vision_config.image_size
+    ep = trace_vision(vision)
+    tag_precision(ep)
+    precision = ct.precision.FLOAT32 if scheme == "fp32" else ct.transform.FP16ComputePrecision(op_selector=op_selector)
+    with _lean_fp16_overflow_check():
+        mlmodel = ct.convert(ep, minimum_deployment_target=ct.target.iOS18, compute_precision=precision,
+                             inputs=[ct.TensorType(name="pixels", shape=(1, 3, size, size), dtype=np.float32)],
+                             outputs=[ct.TensorType(name="image_embeds", dtype=np.float32)], skip_model_load=True)
+    if scheme == "int8":
+        op = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=1)
+        names = vision_weight_consts(mlmodel)
+        mlmodel = linear_quantize_weights(mlmodel, config=OptimizationConfig(op_name_configs={n: op for n in names}))
+    mlmodel.save(str(folder / VISION_ARTIFACT))
+    package = describe_package(folder / VISION_ARTIFACT)
+    main = package["functions"]["main"]
+    log(f"  wrote {VISION_ARTIFACT} ({package['size_bytes'] / 2**20:.1f} MiB, {scheme}) in {time.perf_counter() - start:.0f} s")
+    return {"artifact": VISION_ARTIFACT, "inputs": main["inputs"], "outputs": main["outputs"], "scheme": scheme,
+            "weight_bytes": package["weight_file_bytes"], "weight_elements": package["weight_elements"],
+            "compute_precision": "fp32" if scheme == "fp32" else "fp16"}
+
+
+def simulate_vision(vision, scheme: str):
+    """The eager encoder + projector with the package's weights: on coremltools' int8 grid (per
+    channel, from the fp16 value), or fp16-rounded. validate compares the fp16 proxy against it."""
+    sim = copy.deepcopy(vision).float()
+    with torch.no_grad():
+        for module in sim.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                w.copy_(_vision_grid(w, scheme))
+        proj = sim.multi_modal_projector.mm_input_projection_weight  # [K, N], used as x @ w
+        proj.copy_(_vision_grid(proj.t(), scheme).t())
+    return sim
+
+
+def _vision_grid(weight: Tensor, scheme: str) -> Tensor:
+    """[N, K] weight as the vision package holds it (int8 per output channel, or fp16-rounded)."""
+    if scheme == "int8":
+        return _grid_per_channel(weight, 8)
+    return weight.to(torch.float16).float() if scheme == "fp16" else weight
+
+
+def _grid_per_channel(weight: Tensor, bits: int) -> Tensor:
+    """coremltools' linear-symmetric per-channel grid of weight [N, K] (from its fp16 value)."""
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights as lq
+
+    w16 = weight.detach().to(torch.float16).numpy()
+    params = lq.blockwise_compress(w16, nbits=bits, mode="LINEAR_SYMMETRIC", signed=True, block_sizes=[1, 0])
+    return torch.from_numpy(np.asarray(lq.decompress(params), dtype=np.float32))

@@ -110,6 +110,8 @@ def check_package(path: Path, manifest: dict, described: dict | None = None) -> 
         if f is None:
             continue
         want_in = [{"name": "tokens", "shape": [1, T], "dtype": "int32"}, {"name": "input_pos", "shape": [1], "dtype": "int32"}]
+        if "vision" in manifest:
+            want_in.append({"name": "image_embeds", "shape": [1, T, manifest["config"]["hidden_size"]], "dtype": "float32"})
         if f["inputs"] != want_in:
             problems.append(f"{name} inputs are {f['inputs']}, not {want_in}")
         if f["outputs"] != [{"name": "logits", "shape": [1, vocab], "dtype": "float32"}]:
@@ -129,9 +131,9 @@ def check_package(path: Path, manifest: dict, described: dict | None = None) -> 
 
 # -- weights back from the package --------------------------------------------------------------
 
-def package_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The 2-D weights of the package's `decode` function, decompressed, by traced parameter name
-    (`p_model_layers_0_mlp_up_proj_weight`)."""
+def package_weights(path: Path, function: str = "decode", prefix: str = "p_") -> dict[str, torch.Tensor]:
+    """The 2-D weights of the package's `function`, decompressed, by traced parameter name
+    (`p_model_layers_0_mlp_up_proj_weight`); `prefix=""`: also constants coremltools folded and renamed."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
     from coremltools.optimize import _utils as qutils
@@ -139,11 +141,11 @@ def package_weights(path: Path) -> dict[str, torch.Tensor]:
     spec = ct.utils.load_spec(str(path))
     prog = milproto_load(spec, spec.specificationVersion, str(Path(path) / "Data" / "com.apple.CoreML" / "weights"))
     out = {}
-    for op in prog.functions["decode"].operations:
+    for op in prog.functions[function].operations:
         if op.op_type == "constexpr_blockwise_shift_scale":
             offset = op.offset.val if op.offset is not None else None
             value = qutils.dequantize_by_scale_and_zp(op.data.val, op.scale.val, offset)
-        elif op.op_type == "const" and op.outputs[0].rank == 2 and op.name.startswith("p_"):
+        elif op.op_type == "const" and op.outputs[0].rank == 2 and op.name.startswith(prefix):
             value = op.val.val
         else:
             continue
@@ -162,6 +164,9 @@ class CoreMLRunner(Runner):
     def __init__(self, bundle: Bundle):
         super().__init__()
         self.max_context, self.chunk = bundle.manifest["max_context"], bundle.manifest["prefill_chunk"]
+        vision = bundle.manifest.get("vision")
+        self.image_token_id = vision["image_token_id"] if vision else None
+        self.embed_width = bundle.manifest["config"]["hidden_size"] if vision else None
         d = describe_package(bundle.artifact)
         problems = check_package(bundle.artifact, bundle.manifest, d)
         if problems:
@@ -179,16 +184,59 @@ class CoreMLRunner(Runner):
             raise UserError("Core ML runs only on macOS; on Linux, validate runs the bundle's fp16 eager proxy instead.")
         return ProxyRunner(bundle) if (proxy or not on_mac) else NativeRunner(bundle)
 
-    def _call(self, function: str, tokens: np.ndarray, pos: int) -> np.ndarray:
+    embed_width: int | None = None  # vision bundles: both functions also take image_embeds [1, T, width]
+
+    def _call(self, function: str, tokens: np.ndarray, pos: int, image_embeds: np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError
 
+    def _call_with(self, function: str, tokens: np.ndarray, pos: int, image_embeds: np.ndarray | None) -> np.ndarray:
+        return self._call(function, tokens, pos) if image_embeds is None else self._call(function, tokens, pos, image_embeds)
+
     def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        return self._step_images(tokens, pos, None)
+
+    def _step_images(self, tokens: np.ndarray, pos: int, image_embeds: np.ndarray | None) -> np.ndarray:
         T = tokens.shape[1]
+        if image_embeds is not None and self.embed_width is None:
+            raise UserError("This bundle was exported without --vision; it takes no images.")
+        if self.embed_width is not None and image_embeds is None:  # a text step of a vision bundle
+            image_embeds = np.zeros((1, T, self.embed_width), np.float32)
         if T == self.chunk:
-            return self._call("prefill", tokens, pos)
+            return self._call_with("prefill", tokens, pos, image_embeds)
+        if self.image_token_id is not None and (tokens == self.image_token_id).any():
+            raise RuntimeError("an image block reached the decode function; chunk_plan must put it in a full chunk")
         for i in range(T):  # the package takes T = chunk or 1: the rest of a prompt goes token by token
-            logits = self._call("decode", tokens[:, i : i + 1], pos + i)
+            embeds = None if image_embeds is None else image_embeds[:, i : i + 1]
+            logits = self._call_with("decode", tokens[:, i : i + 1], pos + i, embeds)
         return logits
+
+    def chunk_plan(self, n: int, image_runs: list[tuple[int, int]] = ()) -> list[int]:
+        """Sizes of the calls that prefill n tokens. Without images, the base plan. With images each
+        image block must lie inside one full chunk (`prefill`, T = chunk): `decode` would see it one
+        token at a time, without the block's bidirectional attention. The chunk holding a block starts
+        at the block, or earlier when fewer than a chunk of tokens follow it; the tokens before it go
+        in full chunks, then one at a time."""
+        if not image_runs:
+            return super().chunk_plan(n)
+        C, sizes, pos = self.chunk, [], 0
+        for a, b in image_runs:
+            if b <= pos:
+                continue  # inside the previous image's chunk
+            start = max(pos, min(a, n - C))
+            for a2, b2 in image_runs:  # end before a later block the chunk would cut
+                if a2 < start + C < b2:
+                    start = a2 - C
+            if b - a > C or start > a or start + C < b or start + C > n:
+                raise UserError(f"This prompt's images cannot each be prefilled in one full chunk of {C} tokens "
+                                "(Core ML prefills T = chunk or 1); add text after the image or export a larger --chunk.")
+            while pos + C <= start:
+                sizes.append(C)
+                pos += C
+            sizes += [1] * (start - pos)
+            sizes.append(C)
+            pos = start + C
+        sizes += super().chunk_plan(n - pos)
+        return sizes
 
 
 class NativeRunner(CoreMLRunner):
@@ -202,8 +250,10 @@ class NativeRunner(CoreMLRunner):
         self.functions = {name: ct.models.MLModel(path, function_name=name) for name in ("prefill", "decode")}
         self._reset()
 
-    def _call(self, function: str, tokens: np.ndarray, pos: int) -> np.ndarray:
+    def _call(self, function: str, tokens: np.ndarray, pos: int, image_embeds: np.ndarray | None = None) -> np.ndarray:
         inputs = {"tokens": tokens.astype(np.int32), "input_pos": np.array([pos], dtype=np.int32)}
+        if image_embeds is not None:
+            inputs["image_embeds"] = np.ascontiguousarray(image_embeds, dtype=np.float32)
         out = self.functions[function].predict(inputs, state=self.state)
         return np.asarray(out["logits"], dtype=np.float32)[0]
 
@@ -225,7 +275,10 @@ class ProxyRunner(CoreMLRunner):
         info = bundle.manifest["target_info"]
         model = load_model(**bundle.manifest["source"], log=lambda *_: None).model
         prepare(model, self.max_context)
-        programs = {"prefill": trace(model, self.chunk), "decode": trace(model, 1)}
+        images = self.embed_width is not None
+        if images:
+            model.model.image_token_id = self.image_token_id
+        programs = {"prefill": trace(model, self.chunk, images), "decode": trace(model, 1, images)}
         params = dict(programs["decode"].state_dict)
         stored = package_weights(bundle.artifact)
         tied: dict[int, list] = {}  # the embedding and the LM head are one tensor, stored once
@@ -241,9 +294,82 @@ class ProxyRunner(CoreMLRunner):
         self.proxy = GraphProxy(programs, params, fp16=info["compute_precision"] == "fp16",
                                 fp32_blocks=info["numerics"]["fp32_blocks"])
 
-    def _call(self, function: str, tokens: np.ndarray, pos: int) -> np.ndarray:
-        logits = self.proxy.run(function, torch.from_numpy(tokens), torch.tensor([pos]))
+    def _call(self, function: str, tokens: np.ndarray, pos: int, image_embeds: np.ndarray | None = None) -> np.ndarray:
+        extra = {} if image_embeds is None else {"image_embeds": torch.from_numpy(np.ascontiguousarray(image_embeds))}
+        logits = self.proxy.run(function, torch.from_numpy(tokens), torch.tensor([pos]), **extra)
         return logits[0].float().numpy()
 
     def _reset(self) -> None:
         self.proxy.reset()
+
+
+class CoreMLVisionEncoder:
+    """vision.mlpackage: preprocessed pixels [N, 3, S, S] -> image embeddings [N, tokens, hidden], one
+    image per call. Core ML on macOS; elsewhere the fp16 eager proxy of the package's graph with the
+    weights read back from the package (as ProxyRunner does for the decoder)."""
+
+    def __init__(self, bundle: Bundle, proxy: bool | None = None):
+        self.path = bundle.path / bundle.manifest["vision"]["artifact"]
+        self.native = platform.system() == "Darwin" and not proxy
+        if self.native:
+            import coremltools as ct
+
+            self.model = ct.models.MLModel(str(self.path))
+            self.runtime_note = "Core ML"
+        else:
+            self.proxy = vision_proxy(bundle)
+            self.runtime_note = PROXY_NOTE
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, proxy: bool | None = None) -> CoreMLVisionEncoder:
+        if "vision" not in bundle.manifest:
+            raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
+        return cls(bundle, proxy)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        out = []
+        for p in pixels:
+            x = np.ascontiguousarray(p[None], np.float32)
+            if self.native:
+                out.append(np.asarray(self.model.predict({"pixels": x})["image_embeds"], np.float32))
+            else:
+                out.append(self.proxy.run("main", pixels=torch.from_numpy(x)).numpy())
+        return np.concatenate(out)
+
+
+def vision_proxy(bundle: Bundle):
+    """numerics.GraphProxy over the traced encoder + projector with the package's weights."""
+    from ..exporters.coreml import trace_vision
+    from ..load import load_vision
+    from ..numerics import GraphProxy
+
+    m, v = bundle.manifest, bundle.manifest["vision"]
+    src = m["source"]
+    encoder = load_vision(src["model"], m["config"]["hidden_size"], src["checkpoint"], src["random_weights"],
+                          log=lambda *_: None)
+    ep = trace_vision(encoder)
+    params = vision_params(bundle.path / v["artifact"], ep)
+    return GraphProxy({"main": ep}, params, fp16=v.get("compute_precision", "fp16") == "fp16")
+
+
+def vision_params(path: Path, ep) -> dict[str, torch.Tensor]:
+    """The traced encoder's parameters with every matmul weight read back from vision.mlpackage. The
+    linears keep their traced names; coremltools stores the projector's [K, N] weight transposed under
+    a name of its own (`transpose_0`), found as the one leftover of the transposed shape nearest to
+    the source. Other parameters (the convolution, position embedding, norms) come from the source;
+    the proxy rounds them to fp16 where fp16 ops read them, as the package does."""
+    params = dict(ep.state_dict)
+    stored = package_weights(path, "main", prefix="")
+    leftovers = {k: w for k, w in stored.items() if not k.startswith("p_")}
+    for spec in ep.graph_signature.input_specs:
+        src = params.get(spec.target)
+        if src is None or src.dim() != 2 or "position_embedding" in spec.target:
+            continue
+        if spec.arg.name in stored:
+            params[spec.target] = stored[spec.arg.name]
+            continue
+        near = sorted((float((w.t() - src).abs().max()), k) for k, w in leftovers.items() if w.t().shape == src.shape)
+        if not near or near[0][0] > 0.05 * float(src.abs().max()):
+            raise UserError(f"{Path(path).name} lacks the weight {spec.target}; export the bundle again.")
+        params[spec.target] = leftovers.pop(near[0][1]).t().contiguous()
+    return params
