@@ -228,10 +228,74 @@ def validate_bundle(bundle, length: int | None = None, thresholds: Thresholds | 
         "vs_reference": vs_reference,
         "vs_float": vs_float,
     }
+    if "vision" in m:
+        summary["vision"] = validate_vision(b, log=log)
+        summary["passed"] = summary["passed"] and summary["vision"]["passed"]
+        summary["failures"] += [f"vision: {f}" for f in summary["vision"]["failures"]]
     b.update_manifest(validation=summary)
     shown = [("vs " + ref_kind, vs_reference)] + ([("vs float", vs_float)] if reference is not float_model else [])
     for name, s in shown:
         log(f"  {name}: max abs {s['max_abs']:.3g}, mean abs {s['mean_abs']:.3g}, "
             f"top-1 {s['top1']:.3f}, KL {s['kl']:.3g}")
-    log("  passed" if not failures else "  FAILED: " + "; ".join(failures))
+    log("  passed" if not summary["failures"] else "  FAILED: " + "; ".join(summary["failures"]))
     return summary
+
+
+# -- the vision artifact (issue 8) ------------------------------------------------------------------
+
+# Largest |artifact - reference| over the reference's largest |value|, per reference. Same grid: float
+# rounding only (fp32, or weight-only grids the exporter reproduces exactly); int8 dynamic activations
+# round activations per token in the kernel (XNNPACK) and in torchao each their own way; fp16 compute.
+VISION_LIMITS = {"float": 1e-3, "same grid": 1e-3, "dynamic activations": 2e-2, "fp16": 2e-2}
+VISION_MIN_COSINE = 0.999  # per image token, against the reference
+
+
+def vision_pixels(size: int, images: int = 2, seed: int = 0) -> np.ndarray:
+    """Deterministic preprocessed pixels [images, 3, size, size] in [-1, 1]: a smooth gradient plus noise."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(-1, 1, size, dtype=np.float32)
+    smooth = (ramp[None, :] * ramp[:, None])[None, None]
+    return np.clip(0.5 * smooth + 0.5 * rng.uniform(-1, 1, (images, 3, size, size)), -1, 1).astype(np.float32)
+
+
+def vision_reference(bundle: Bundle) -> tuple[torch.nn.Module, str]:
+    """The eager encoder + projector on the vision artifact's grid (`simulate_vision` of the target's
+    exporter), and which kind of reference that is (a VISION_LIMITS key)."""
+    from .load import load_vision
+
+    m, v = bundle.manifest, bundle.manifest["vision"]
+    src = m["source"]
+    encoder = load_vision(src["model"], m["config"]["hidden_size"], src["checkpoint"], src["random_weights"],
+                          log=lambda *_: None)
+    scheme = v["scheme"]
+    exporter = importlib.import_module(f"gemma3_export.exporters.{bundle.target}")
+    reference = exporter.simulate_vision(encoder, scheme)
+    kind = getattr(exporter, "VISION_REFERENCE", {}).get(scheme, "float" if scheme == "fp32" else "same grid")
+    return reference, kind
+
+
+def validate_vision(bundle: Bundle, images: int = 2, log=print) -> dict:
+    """The bundle's vision artifact in its runtime vs the eager encoder on the same grid, on deterministic
+    pixels: max/mean abs diff, max abs relative to the reference's scale, worst per-token cosine."""
+    from .pipeline import open_vision_encoder
+
+    v = bundle.manifest["vision"]
+    pixels = vision_pixels(v["image_size"], images)
+    reference, kind = vision_reference(bundle)
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(pixels)).float().numpy()  # [N, tokens, hidden]
+    encoder = open_vision_encoder(bundle)
+    got = np.asarray(encoder(pixels), dtype=np.float32)
+    diff = np.abs(got - ref)
+    rel = float(diff.max() / max(np.abs(ref).max(), 1e-30))
+    a, r = got.reshape(-1, got.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    cosine = float(((a * r).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)).min())
+    limit = VISION_LIMITS[kind]
+    failures = ([f"max abs {diff.max():.3g} is {rel:.3g} of the output scale > {limit}"] if rel > limit else []) + \
+               ([f"token cosine {cosine:.6f} < {VISION_MIN_COSINE}"] if cosine < VISION_MIN_COSINE else [])
+    runtime = getattr(encoder, "runtime_note", bundle.target)
+    log(f"  vision ({v['artifact']}, {v['scheme']}, {images} images) vs eager ({kind}): max abs {diff.max():.3g} "
+        f"({rel:.3g} of scale), mean abs {diff.mean():.3g}, min token cosine {cosine:.6f}")
+    return {"passed": not failures, "failures": failures, "reference": kind, "images": images, "runtime": runtime,
+            "max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "max_rel": rel, "min_cosine": cosine,
+            "thresholds": {"max_rel": limit, "min_cosine": VISION_MIN_COSINE}}

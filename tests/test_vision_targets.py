@@ -1,4 +1,4 @@
-"""Vision (issue 8) on ExecuTorch and Core ML: the tiny
+"""Vision (issue 8) on ExecuTorch and Core ML, and `validate` of a bundle's vision artifact: the tiny
 multimodal preset with seeded random weights (the same encoder as tests/test_vision.py)."""
 
 from __future__ import annotations
@@ -230,6 +230,44 @@ def test_coreml_chunk_plan_puts_each_image_in_one_full_chunk():
     assert r.chunk_plan(10, []) == [8, 2]
     with pytest.raises(UserError, match="one full chunk of 8"):
         r.chunk_plan(6, [(1, 5)])
+
+
+# -- validate: the vision artifact against the eager encoder -----------------------------------------
+
+
+def test_validate_reports_the_et_vision_artifact(et_vision_bundle):
+    from gemma3_export.validate import validate_bundle
+
+    summary = validate_bundle(et_vision_bundle, log=QUIET)
+    v = summary["vision"]
+    assert summary["passed"] and v["passed"] and v["reference"] == "float"
+    assert v["max_abs"] <= 1e-4 and v["min_cosine"] > 0.99999 and v["images"] == 2
+    assert read_bundle(et_vision_bundle).manifest["validation"]["vision"]["max_abs"] == v["max_abs"]
+
+
+def test_validate_judges_an_onnx_int8_vision_artifact(tmp_path):
+    """An ONNX int8 bundle's vision.onnx against the eager encoder on its grid; another encoder in its
+    place fails, and the report says why."""
+    from gemma3_export.exporters.onnx import export_vision
+    from gemma3_export.validate import validate_vision
+
+    out = pipeline.export(model="tiny", target="onnx", quant="int8", context=64, chunk=8, out=tmp_path / "b",
+                          vision=True, validate=False, log=QUIET)
+    report = validate_vision(read_bundle(out), log=QUIET)
+    assert report["passed"] and report["reference"] == "same grid" and report["max_rel"] <= 1e-4
+    export_vision(tiny_vision(seed=1), tmp_path, "int8", log=QUIET)  # a different encoder in the bundle's place
+    (out / "vision.onnx").write_bytes((tmp_path / "vision.onnx").read_bytes())
+    bad = validate_vision(read_bundle(out), log=QUIET)
+    assert not bad["passed"] and bad["max_rel"] > 0.1 and "of the output scale" in bad["failures"][0]
+
+
+def test_validate_vision_of_a_coreml_bundle_runs_the_fp16_proxy(coreml_vision_bundle):
+    from gemma3_export.runtimes.coreml import PROXY_NOTE
+    from gemma3_export.validate import validate_vision
+
+    report = validate_vision(read_bundle(coreml_vision_bundle), log=QUIET)
+    assert report["passed"] and report["reference"] == "fp16" and report["runtime"] == PROXY_NOTE
+    assert 0 < report["max_rel"] < PROXY_REL and report["min_cosine"] > 0.9999
 
 
 # -- bad input ---------------------------------------------------------------------------------------
