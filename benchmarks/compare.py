@@ -519,7 +519,8 @@ def run_all(args, log) -> dict:
 def table(result: dict, base: str) -> str:
     rows = result["systems"]
     ref = rows.get(base, next(iter(rows.values())))["median"]
-    head = ("| system | size MB | prefill 128 tok/s | prefill 1024 tok/s | decode tok/s | TTFT ms | peak RSS GB "
+    short, long = result["prompt_tokens"]
+    head = (f"| system | size MB | prefill {short} tok/s | prefill {long} tok/s | decode tok/s | TTFT ms | peak RSS GB "
             "| agreement | bytes/token MB | ceiling tok/s | of ceiling |")
     lines = [head, "|---" * 11 + "|"]
     for name, r in rows.items():
