@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="bundle folder (default bundles/gemma3-MODEL-TARGET-QUANT)")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check")
     p.add_argument("--recipe", help="TOML file whose [export] values are defaults; flags override them")
-    p.add_argument("--vision", action="store_true", help="also export the image encoder (4b, 12b, 27b; onnx)")
+    p.add_argument("--vision", action="store_true", help="also export the image encoder as a second artifact (4b, 12b, 27b)")
 
     p = sub.add_parser("generate", help="stream a continuation of a prompt")
     _add_source(p, required=False)

@@ -209,8 +209,6 @@ VISION_ARTIFACT = "vision.pte"
 # configs are out (they lower to XNNPACK with wrong numbers, STACK.md).
 VISION_SCHEMES = ("fp32", "8da4w-pc", "8da8w")
 VISION_DEFAULT = "8da4w-pc"  # --vision without --quant (the decoder's default 8da4w cannot take it)
-# validate's reference kind per scheme: torchao's eager dynamic activations round like XNNPACK's, not bit-exactly
-VISION_REFERENCE = {"8da4w-pc": "dynamic activations", "8da8w": "dynamic activations"}
 
 
 def quantize_vision(vision: nn.Module, scheme: str) -> nn.Module:
