@@ -8,8 +8,14 @@ llama.cpp's block formats map onto MatMulNBits' `(u - zero_point) * scale` per b
 | Q8_0 | 8 bits, block 32, u = q + 128 | bit for bit |
 | Q5_0 | 8 bits, block 32, u = q - 16 + 128 (5-bit codes inside 8) | bit for bit |
 | Q6_K | 8 bits, block 16, scale = d * sc (exact in fp32), u = q - 32 + 128 | bit for bit |
-| Q4_K | 4 bits, block 32, scale = d * sc, float zero point dmin * m / scale | to fp32 rounding |
+| Q4_K | 8 bits, block 32, u = k * q, scale = d * sc / k, zero point round(k * dmin * m / (d * sc)) | offsets to 1/(2k) of a step |
 | other | re-quantized by the exporter | no (reported) |
+
+Every form has integer zero points: onnxruntime's fast CPU kernels take no float zero points (a 4-bit
+MatMulNBits with them runs about 50x slower) and no 8-bit weights without `accuracy_level=4`. Q4_K's
+offset dmin * m is not a whole number of steps, so it is held in 8 bits with k <= 17 codes per 4-bit
+step: k * q stays within 0..255 and the offset is rounded to 1/k of a step (k is the largest that keeps
+the zero point within 0..255; 17 on the embedded 270M).
 
 `read_gguf_grid(path)` unpacks every linear/embedding tensor's raw blocks (the same bit layouts as
 gguf-py's `dequantize_blocks`) into `GGUFTensor`s keyed by Hugging Face name; `dequantize()` gives the
@@ -33,10 +39,10 @@ class GGUFTensor:
     source: str  # the GGUF type, e.g. "Q5_0"
     u: np.ndarray  # uint8 [N, K]
     scales: np.ndarray  # float32 [N, K / block]
-    zero_points: np.ndarray | None  # float32 [N, K / block]; None: 2^(bits - 1)
+    zero_points: np.ndarray | None  # uint8 [N, K / block]; None: 2^(bits - 1)
     bits: int
     block: int
-    exact: str  # "bit for bit" or "to fp32 rounding"
+    exact: str  # "bit for bit", or how close
 
     def dequantize(self) -> np.ndarray:
         n, k = self.u.shape
@@ -46,7 +52,7 @@ class GGUFTensor:
         return ((q - zp) * self.scales[..., None]).reshape(n, k)
 
     def describe(self) -> str:
-        zp = ", float zero points" if self.zero_points is not None else ""
+        zp = ", zero points" if self.zero_points is not None else ""
         return f"{self.source} -> int{self.bits} block {self.block}{zp} ({self.exact})"
 
 
@@ -95,13 +101,25 @@ def _q4_k(blocks: np.ndarray):
     q = ((qs.reshape(n, -1, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F).reshape(n, QK_K)
     scale = (d * sc.astype(np.float32)).reshape(n, 8)
     offset = (dmin * m.astype(np.float32)).reshape(n, 8)
-    zp = np.divide(offset, scale, out=np.zeros_like(offset), where=scale != 0)
-    # A sub-block whose scale is 0 holds the constant -offset: codes 0, zero point 1, scale = offset.
+    return _offset_codes(q.reshape(n, 8, 32), scale, offset)
+
+
+def _offset_codes(q: np.ndarray, scale: np.ndarray, offset: np.ndarray):
+    """w = scale * q - offset (q 0..15 per block) as 8-bit u = k * q, zero point round(k * offset / scale),
+    scale / k: the largest k <= 17 whose zero point fits in a byte. A block whose scale is 0 holds the
+    constant -offset: codes 0, zero point 1, scale = offset."""
+    ratio = np.divide(offset, scale, out=np.zeros_like(offset), where=scale != 0).astype(np.float64)
+    k = np.clip(np.floor(255.49 / np.maximum(ratio, 1e-9)), 1, 17)
+    zp = np.clip(np.round(k * ratio), 0, 255)
     flat = scale == 0
-    q = q.reshape(n, 8, 32)
-    q[flat] = 0
-    zp[flat], scale[flat] = 1.0, offset[flat]
-    return q.reshape(n, QK_K).astype(np.uint8), scale, zp.astype(np.float32), 4, 32, "to fp32 rounding"
+    k[flat], zp[flat] = 1, 1
+    u = (q * k[..., None]).astype(np.uint8)
+    u[flat] = 0
+    step = np.where(flat, offset, scale / k).astype(np.float32)
+    worst = float(np.max(np.abs(zp - k * ratio)[~flat] / k[~flat], initial=0.0))  # offset error, in steps
+    exact = "bit for bit" if worst == 0 else f"offsets within {worst:.3g} of a 4-bit step"
+    n = q.shape[0]
+    return u.reshape(n, -1), step, zp.astype(np.uint8), 8, 32, exact
 
 
 UNPACK = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q5_0": _q5_0, "Q6_K": _q6_k, "Q4_K": _q4_k}

@@ -2,7 +2,7 @@
 
 A tiny GGUF holds the block formats of Google's 270M file (Q8_0, Q5_0, Q4_K, Q6_K) plus Q4_0 and an
 F16 tensor: every MatMulNBits weight must dequantize to exactly the values the loader reads from the
-GGUF (Q4_K's float zero points: to fp32 rounding), and the F16 one is re-quantized and reported."""
+GGUF (Q4_K: its offsets to half an 8-bit step), and the F16 one is re-quantized and reported."""
 
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def _k_blocks(qtype: str, rows: int, k: int, rng) -> np.ndarray:
     if qtype == "Q6_K":  # ql 128, qh 64, int8 scales 16, fp16 d
         body = rng.integers(0, 256, (n, 192), dtype=np.uint8)
         scales = rng.integers(-32, 33, (n, 16)).astype(np.int8).view(np.uint8)
-        d = np.full((n, 1), 0.002, np.float16).view(np.uint8)
+        d = np.full((n, 1), 0.0002, np.float16).view(np.uint8)
         return np.concatenate([body, scales, d], 1).reshape(rows, -1)
-    d = np.stack([np.full(n, 0.003, np.float16), np.full(n, 0.002, np.float16)], 1).view(np.uint8)  # d, dmin
+    d = np.stack([np.full(n, 0.0003, np.float16), np.full(n, 0.0002, np.float16)], 1).view(np.uint8)  # d, dmin
     rest = rng.integers(0, 256, (n, 140), dtype=np.uint8)  # 12 bytes of 6-bit scales/mins, 128 of codes
     return np.concatenate([d, rest], 1).reshape(rows, -1)
 
@@ -98,8 +98,11 @@ def test_the_grid_reads_back_what_the_loader_dequantizes(gguf_file):
         if isinstance(g, str):
             continue
         want = params[name].detach().numpy()
-        if g.source == "Q4_K":
-            np.testing.assert_allclose(g.dequantize(), want, rtol=0, atol=1e-6 * np.abs(want).max())
+        if g.source == "Q4_K":  # its offset rounded to the 8-bit step: at most half a step off
+            assert g.bits == 8 and g.zero_points.dtype == np.uint8
+            err = np.abs(g.dequantize() - want).reshape(*g.scales.shape, -1)
+            assert (err <= 0.5 * g.scales[..., None] + 1e-6 * np.abs(want).max()).all(), name
+            assert err.max() > 0  # random offsets are not whole steps: the bound is what is tested
         else:
             assert np.array_equal(g.dequantize(), want), (name, g.source)
 
@@ -111,18 +114,22 @@ def test_onnx_keeps_the_gguf_blocks(gguf_file, tmp_path):
     tensors = m["target_info"]["tensors"]
     assert tensors["model.layers.0.self_attn.q_proj.weight"] == "Q5_0 -> int8 block 32 (bit for bit)"
     assert tensors["model.layers.0.self_attn.v_proj.weight"] == "Q6_K -> int8 block 16 (bit for bit)"
-    assert tensors["model.layers.0.self_attn.o_proj.weight"].startswith("Q4_K -> int4 block 32, float zero points")
+    assert tensors["model.layers.0.self_attn.o_proj.weight"].startswith("Q4_K -> int8 block 32, zero points (offsets")
     assert "re-quantized" in tensors["model.layers.5.mlp.up_proj.weight"]
-    model = load_model("tiny", checkpoint=str(gguf_file), log=lambda *_: None).model
-    weights = {p.detach().numpy().tobytes(): name for name, p in model.named_parameters() if p.dim() == 2}
+    grid = {g.dequantize().tobytes() for g in read_gguf_grid(gguf_file).values() if not isinstance(g, str)}
     stored = _nbits(bundle / "model.onnx")
     assert len(stored) == 6 * 7 + 1
-    exact = sum(w.tobytes() in weights for w in stored)
-    q4k = 6 + 5  # every o_proj and five down_proj are Q4_K: float zero points, exact to fp32 rounding
-    assert exact == len(stored) - q4k - 1  # and the F16 up_proj is re-quantized
+    assert sum(w.tobytes() in grid for w in stored) == len(stored) - 1  # all but the re-quantized F16 up_proj
+    proto = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    levels = {helper.get_attribute_value(a) for n in proto.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4} and m["target_info"]["accuracy_level"] == 4  # 8-bit blocks run fast only so
     summary = validate_bundle(bundle, log=lambda *_: None)
-    assert summary["reference"] == "eager gguf" and summary["passed"]
-    assert summary["vs_reference"]["max_abs"] <= 1e-3, summary["vs_reference"]
+    assert summary["reference"] == "eager gguf" and summary["passed"], summary
+    # int8 activations make logits chaotic in the last digits (a 1e-6 relative nudge of the weights moves
+    # this random model's logits by 0.04): the weights are checked bit for bit above, the run by agreement
+    ref = summary["vs_reference"]
+    assert ref["top1"] >= 0.97 and ref["kl"] <= 2e-3, ref
 
 
 def test_gguf_needs_a_gguf_source(tmp_path, capsys):

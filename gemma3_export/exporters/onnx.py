@@ -46,6 +46,10 @@ ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to an external data file (protobuf stops at 2 GB)
 NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32)}  # bits, block (None: per channel)
 MATMUL_NBITS = (*NBITS, "gguf")  # gguf: each weight's own GGUF blocks (gguf_grid.py)
+# onnxruntime runs 8-bit MatMulNBits fast only with int8 compute (accuracy_level 4: inputs quantized to
+# int8 per weight block, as llama.cpp does for these formats); fp32 compute falls back to a kernel that
+# dequantizes the whole weight on every call (about 80x slower). `simulate` quantizes the same way.
+GGUF_ACCURACY_LEVEL = 4
 FP16_MAX = 65504.0
 FP8_MAX = 448.0  # float8 e4m3fn
 
@@ -223,6 +227,19 @@ def fp8_codes(w: Tensor) -> tuple[Tensor, Tensor]:
     return (w.float() / scale[:, None]).to(torch.float8_e4m3fn), scale
 
 
+def fake_int8_blocks(x: Tensor, block: int) -> Tensor:
+    """x [..., K] quantized and dequantized as MatMulNBits with accuracy_level=4 quantizes its input:
+    symmetric int8 per block of the weight's block along K, scale = the block's absmax / 127."""
+    blocks = x.float().unflatten(-1, (-1, block))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(scale == 0, 1, scale))
+    return (q * scale).flatten(-2).to(x.dtype)
+
+
+def _int8_activations(block: int) -> Callable:
+    return lambda module, args: (fake_int8_blocks(args[0], block), *args[1:])
+
+
 def fake_fp8(w: Tensor) -> Tensor:
     codes, scale = fp8_codes(w)
     return (codes.float() * scale[:, None]).to(w.dtype)
@@ -233,11 +250,20 @@ def simulate(model: nn.Module, scheme: str, grid=None) -> nn.Module:
     the ONNX export stores them (fp16: the same fp16 modules). A QAT checkpoint's weights already lie
     on the grid the export imports: they stay as they are."""
     sim = copy.deepcopy(model)
-    if scheme == "gguf":  # the weights are the GGUF's values; only what has no MatMulNBits form is rounded
+    if scheme == "gguf":  # the GGUF's blocks as stored; what has no MatMulNBits form is rounded to int8
         with torch.no_grad():
+            blocks = {}
             for name, param in sim.named_parameters():
                 if param.dim() == 2 and (name not in grid or gguf_requantized(name, grid[name])):
                     param.copy_(fake_nbits(param, 8, param.shape[1]))
+                    blocks[name] = math.gcd(param.shape[1], 128)  # `_signed`'s per-channel blocks
+                elif param.dim() == 2:  # the stored grid (Q4_K's offsets rounded to its 8-bit step)
+                    param.copy_(torch.from_numpy(grid[name].dequantize()))
+                    blocks[name] = grid[name].block
+        for name, module in sim.named_modules():
+            if isinstance(module, nn.Linear):
+                key = "model.embed_tokens.weight" if module.weight is sim.model.embed_tokens.weight else f"{name}.weight"
+                module.register_forward_pre_hook(_int8_activations(blocks[key]))
         return sim
     if scheme == "fp32" or grid is not None:
         return sim
@@ -264,6 +290,8 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
     import onnx
 
     scheme = spec.scheme.name
+    if scheme == "gguf":
+        accuracy_level = GGUF_ACCURACY_LEVEL
     if accuracy_level is not None and scheme not in MATMUL_NBITS:
         raise UserError(f"accuracy_level applies to {', '.join(MATMUL_NBITS)}, not {scheme}.")
     config = model.config
@@ -461,7 +489,7 @@ class Packed:
 
     u: np.ndarray  # uint8 [N, K]
     scales: np.ndarray  # float32 [N, K / block]
-    zero_points: np.ndarray | None  # float32 [N, K / block]; None: MatMulNBits' default 2^(bits-1)
+    zero_points: np.ndarray | None  # uint8 [N, K / block] (8 bits only); None: the default 2^(bits-1)
     bits: int
     block: int
 
@@ -498,9 +526,11 @@ def _pack_nbits(graph, accuracy_level: int | None, pack_of: Callable[[Tensor], P
         names = [f"{b.name}_Q{bits}", f"{b.name}_scales"]
         graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(u.reshape(n, k // block, -1)), names[0]),
                                   numpy_helper.from_array(np.ascontiguousarray(p.scales, np.float32), names[1])])
-        if p.zero_points is not None:
+        if p.zero_points is not None:  # onnxruntime's CPU kernels: integer zero points, 8 bits here
+            if bits != 8 or p.zero_points.dtype != np.uint8:
+                raise RuntimeError("only 8-bit weights carry zero points here")
             names.append(f"{b.name}_zero_points")
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(p.zero_points, np.float32), names[2]))
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(p.zero_points).reshape(-1), names[2]))
         extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
                                       name=f"{node.name}_Q{bits}", domain="com.microsoft",
@@ -532,7 +562,7 @@ def gguf_requantized(name: str, g) -> str | None:
     if isinstance(g, str):
         return f"{g} has no MatMulNBits form"
     if name == "model.embed_tokens.weight" and g.zero_points is not None:
-        return "the shared embedding table takes integer zero points only (GatherBlockQuantized)"
+        return "the embedding gathers the head's table without zero points (GatherBlockQuantized)"
     return None
 
 
