@@ -37,10 +37,16 @@ class Thresholds:
     kl: float
 
 
+# Schemes that round every linear's input to int8 at run time (XNNPACK's 8da*, MatMulNBits with
+# accuracy_level 4 for gguf) are chaotic in the last digits: on the real 270M the eager reference
+# agrees with itself, nudged by 1e-6 relative at the embedding, on 87.9% of next tokens with mean KL
+# 0.033 (benchmarks/noise_floor.py, docs/noise_floor.json). No artifact can beat that floor.
+DYNAMIC_INT8 = Thresholds(None, 0.85, 0.05)
 # Against an eager model on the same grid: the artifact should differ by float rounding only.
 SAME_GRID = {
     "fp32": Thresholds(1e-3, 0.99, 1e-5),
     "fp16": Thresholds(0.5, 0.95, 5e-3),
+    **dict.fromkeys(("8da4w", "8da4w-pc", "8da8w", "gguf"), DYNAMIC_INT8),
 }
 SAME_GRID_DEFAULT = Thresholds(None, 0.95, 0.02)  # integer/fp8 grids: kernels may round activations
 # Against the float model, where the target cannot simulate its scheme: what the scheme may cost.
