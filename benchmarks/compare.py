@@ -43,7 +43,8 @@ CONTEXT, CHUNK = 2048, 128
 
 # name -> (kind, what it is); our bundles: (target, quant); peers: their artifact
 OURS = {"et-8da4w": ("executorch", "8da4w"), "et-fp32": ("executorch", "fp32"),
-        "onnx-int4b32": ("onnx", "int4b32"), "onnx-fp32": ("onnx", "fp32")}
+        "onnx-int4b32": ("onnx", "int4b32"), "onnx-fp32": ("onnx", "fp32"),
+        "onnx-gguf": ("onnx", "gguf")}  # the Q4_K_M file's own blocks (docs/gguf.md)
 PEER_SYSTEMS = ("llama.cpp-q4km", "ortgenai-int4", "ortgenai-int4-prune", "optimum-et-8da4w")
 # our int4b32 graph with MatMulNBits accuracy_level=4 (benchmarks/onnx_profile.py): what the exporter could set
 OURS_VARIANTS = {"onnx-int4b32-acc4": "onnx-int4b32"}
@@ -82,7 +83,7 @@ def valid_bundle(path: Path, target: str, quant: str) -> str | None:
 
 def our_bundle(name: str, log) -> Path:
     target, quant = OURS[name]
-    reuse = ROOT / REUSE[name]
+    reuse = ROOT / REUSE.get(name, "bundles/compare/none")
     if reuse.exists() and not (why := valid_bundle(reuse, target, quant)):
         return reuse
     out = ROOT / f"bundles/compare/gemma3-270m-{target}-{quant}"
