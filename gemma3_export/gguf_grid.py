@@ -12,7 +12,8 @@ llama.cpp's block formats map onto MatMulNBits' `(u - zero_point) * scale` per b
 | other | re-quantized by the exporter | no (reported) |
 
 Every form has integer zero points: onnxruntime's fast CPU kernels take no float zero points (a 4-bit
-MatMulNBits with them runs about 50x slower) and no 8-bit weights without `accuracy_level=4`. Q4_K's
+MatMulNBits with them decodes 77x slower) and no 8-bit weights without `accuracy_level=4`
+(benchmarks/matmulnbits_forms.py, docs/matmulnbits_forms.json). Q4_K's
 offset dmin * m is not a whole number of steps, so it is held in 8 bits with k <= 17 codes per 4-bit
 step: k * q stays within 0..255 and the offset is rounded to 1/k of a step (k is the largest that keeps
 the zero point within 0..255; 17 on the embedded 270M).

@@ -47,8 +47,8 @@ EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to an external data file 
 NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32)}  # bits, block (None: per channel)
 MATMUL_NBITS = (*NBITS, "gguf")  # gguf: each weight's own GGUF blocks (gguf_grid.py)
 # onnxruntime runs 8-bit MatMulNBits fast only with int8 compute (accuracy_level 4: inputs quantized to
-# int8 per weight block, as llama.cpp does for these formats); fp32 compute falls back to a kernel that
-# dequantizes the whole weight on every call (about 80x slower). `simulate` quantizes the same way.
+# int8 per weight block, as llama.cpp does for these formats); with fp32 compute one decode step of a
+# 640x2048 weight takes 43x longer (benchmarks/matmulnbits_forms.py). `simulate` quantizes the same way.
 GGUF_ACCURACY_LEVEL = 4
 FP16_MAX = 65504.0
 FP8_MAX = 448.0  # float8 e4m3fn
