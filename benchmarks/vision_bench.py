@@ -4,11 +4,15 @@ fresh process that loads the artifact and encodes; and the image tokens per requ
 Pan & Scan for common image shapes (no model needed).
 
     python benchmarks/vision_bench.py --out docs/vision_bench.json [--schemes fp32 int8] [--images 3]
+    python benchmarks/vision_bench.py --target executorch --schemes 8da4w-pc fp32 --out docs/vision_bench.json
+
+`--out` keeps what the file holds for other targets and replaces this target's entry.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -39,20 +43,25 @@ def token_counts(model: str) -> dict:
     return out
 
 
-def _measure(path: str, images: int, threads: int) -> dict:
+ENCODERS = {"onnx": "gemma3_export.runtimes.onnx:OnnxVisionEncoder",
+            "executorch": "gemma3_export.runtimes.executorch:ExecuTorchVisionEncoder"}
+
+
+def _measure(path: str, images: int, threads: int, target: str = "onnx") -> dict:
     """In a fresh process: load vision.onnx, encode `images` images one at a time. Memory is VmHWM /
     VmRSS from /proc/self/status: the child's own address space. ru_maxrss is NOT: Linux carries the
     parent's peak RSS across fork + exec into the child's ru_maxrss, which is why every scheme once
     read the same 6851 MiB (the parent's peak while it built and exported the 420M encoder)."""
+    module, cls = ENCODERS[target].split(":")
     code = f"""
 import json, time, numpy as np
 from pathlib import Path
 def mem():
     f = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
     return {{k: int(f[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}}  # MiB
-from gemma3_export.runtimes.onnx import OnnxVisionEncoder
+from {module} import {cls} as Encoder
 base = mem()
-t = time.perf_counter(); enc = OnnxVisionEncoder(Path({path!r}), threads={threads}); load = time.perf_counter() - t
+t = time.perf_counter(); enc = Encoder(Path({path!r}), threads={threads}); load = time.perf_counter() - t
 loaded = mem()
 x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 896, 896)).astype(np.float32)
 times = []
@@ -70,16 +79,19 @@ print(json.dumps({{"load_s": load, "per_image_s": times, "rss_before_load_mib": 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="4b")
+    p.add_argument("--target", choices=list(ENCODERS), default="onnx")
     p.add_argument("--schemes", nargs="+", default=["fp32", "int8"])
     p.add_argument("--images", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out")
     args = p.parse_args()
 
+    import copy
+    import importlib
+
     import torch
 
     from gemma3_export.config import preset, vision_preset
-    from gemma3_export.exporters.onnx import export_vision
     from gemma3_export.weights import build_vision, random_vision_state
 
     v, hidden = vision_preset(args.model), preset(args.model).hidden_size
@@ -87,23 +99,27 @@ def main() -> None:
     vision = build_vision(v, hidden, random_vision_state(v, hidden), "random")
     params = sum(t.numel() for t in vision.state_dict().values())
     result = {"model": args.model, "params": params, "threads": args.threads, "torch_threads": torch.get_num_threads(),
-              "tokens": token_counts(args.model), "onnx": {}}
+              "tokens": token_counts(args.model), args.target: {}}
+    export_vision = importlib.import_module(f"gemma3_export.exporters.{args.target}").export_vision
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes:
             folder = Path(tmp) / scheme
             folder.mkdir()
             start = time.perf_counter()
-            info = export_vision(vision, folder, scheme, log=lambda m: print(m, flush=True))
+            info = export_vision(copy.deepcopy(vision), folder, scheme, log=lambda m: print(m, flush=True))
             export_s = time.perf_counter() - start
+            gc.collect()  # the lowering's leftovers: the child's host must not run out of memory
             print(f"{scheme}: exported in {export_s:.0f} s; measuring {args.images} images", flush=True)
-            m = _measure(str(folder / info["artifact"]), args.images, args.threads)
+            m = _measure(str(folder / info["artifact"]), args.images, args.threads, args.target)
             m |= {"export_s": export_s, "weight_bytes": info["weight_bytes"],
                   "median_s": sorted(m["per_image_s"])[len(m["per_image_s"]) // 2]}
-            result["onnx"][scheme] = m
+            result[args.target][scheme] = m
             print(f"{scheme}: {m['median_s']:.2f} s per image, peak RSS {m['peak_rss_mib']:.0f} MiB", flush=True)
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        out = Path(args.out)
+        kept = json.loads(out.read_text()) if out.exists() else {}
+        Path(args.out).write_text(json.dumps(kept | result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

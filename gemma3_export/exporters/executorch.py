@@ -205,15 +205,16 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec: ExportSpec, log=print) 
 # -- the vision encoder (issue 8) -------------------------------------------------------------------
 
 VISION_ARTIFACT = "vision.pte"
-# Per-channel 8da weights only: blocks of 32 do not divide SigLIP's MLP width (4304). Weight-only
-# configs are out (they lower to XNNPACK with wrong numbers, STACK.md).
-VISION_SCHEMES = ("fp32", "8da4w-pc", "8da8w")
-VISION_DEFAULT = "8da4w-pc"  # --vision without --quant (the decoder's default 8da4w cannot take it)
+# 8da8w (per-channel int8) only: XNNPACK takes int4 weights in groups of a multiple of 32, per channel
+# counting as one group of K, and SigLIP's MLP width 4304 is not one ("requires group_size to be a
+# multiple of 32, but got 4304"). Weight-only configs lower to XNNPACK with wrong numbers (STACK.md).
+VISION_SCHEMES = ("fp32", "8da8w")
+VISION_DEFAULT = "8da8w"  # --vision without --quant (the decoder's default 8da4w cannot take it)
 
 
 def quantize_vision(vision: nn.Module, scheme: str) -> nn.Module:
-    """The encoder's linears IN PLACE as int8 dynamic activations x per-channel int4/int8 weights (the
-    patch convolution and the projector's matmul stay fp32); the eager reference runs the same."""
+    """The encoder's linears IN PLACE as int8 dynamic activations x per-channel int8 weights (the patch
+    convolution and the projector's matmul stay fp32); the eager reference runs the same."""
     if scheme == "fp32":
         return vision.requires_grad_(False)
     from torchao.quantization import quantize_

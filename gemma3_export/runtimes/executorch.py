@@ -87,6 +87,7 @@ class ExecuTorchVisionEncoder:
     [N, tokens, hidden], one image (or crop) per call."""
 
     def __init__(self, path: Path, threads: int | None = None):
+        import executorch.kernels.quantized  # noqa: F401  (whatever quantized ops stay outside XNNPACK)
         from executorch.runtime import Runtime
 
         if threads:
