@@ -250,9 +250,11 @@ def validate_bundle(bundle, length: int | None = None, thresholds: Thresholds | 
 # -- the vision artifact (issue 8) ------------------------------------------------------------------
 
 # Largest |artifact - reference| over the reference's largest |value|, per kind of reference. Same grid:
-# float rounding only (MatMulNBits weights; XNNPACK's 8da kernels, which round the activations as
-# torchao's eager ones do: 1e-6 of scale on the tiny encoder). fp16: Core ML's fp16 compute (the proxy).
-VISION_LIMITS = {"float": 1e-3, "same grid": 1e-3, "fp16": 2e-2}
+# float rounding only (MatMulNBits weights). Dynamic int8: XNNPACK's 8da kernels round activations as
+# torchao's eager ones do (1e-6 of scale on the tiny encoder), but a 1e-6 nudge flips int8 roundings
+# that later layers amplify (DYNAMIC_INT8 above), and 27 layers were not measured: the fp16 limit until
+# they are. fp16: Core ML's fp16 compute (the proxy).
+VISION_LIMITS = {"float": 1e-3, "same grid": 1e-3, "dynamic int8": 2e-2, "fp16": 2e-2}
 VISION_MIN_COSINE = 0.999  # per image token, against the reference
 
 

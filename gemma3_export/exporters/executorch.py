@@ -210,6 +210,7 @@ VISION_ARTIFACT = "vision.pte"
 # multiple of 32, but got 4304"). Weight-only configs lower to XNNPACK with wrong numbers (STACK.md).
 VISION_SCHEMES = ("fp32", "8da8w")
 VISION_DEFAULT = "8da8w"  # --vision without --quant (the decoder's default 8da4w cannot take it)
+VISION_REFERENCE = {"8da8w": "dynamic int8"}  # validate's limit for it (validate.VISION_LIMITS)
 
 
 def quantize_vision(vision: nn.Module, scheme: str) -> nn.Module:
