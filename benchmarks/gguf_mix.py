@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,18 +47,42 @@ def size_mb(model, grid, int4: dict[str, int]) -> float:
     return total / 1e6
 
 
+def setup(length: int):
+    """The real 270M: its GGUF grid, `length` validation ids, the float model's log-probabilities and
+    the `gguf` reference model (what every mix starts from)."""
+    torch.set_num_threads(2)
+    loaded = load_model("270m", log=lambda *_: None)
+    grid = read_gguf_grid(loaded.gguf_path)
+    ids = torch.tensor([validation_ids(loaded.tokenizer, length)])
+    with torch.no_grad():
+        ref = loaded.model(ids)[0].log_softmax(-1)
+    return grid, ids, ref, ox.simulate(loaded.model, "gguf", grid)
+
+
+def score(base, rounding: dict[str, Callable], ids, ref) -> dict:
+    """Top-1 agreement and mean KL against `ref` of `base` with the named tensors rounded again."""
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in rounding:
+                p.copy_(rounding[name](p))
+        got = model(ids)[0].log_softmax(-1)
+    return {"top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+            "kl": round(float((ref.exp() * (ref - got)).sum(-1).mean()), 4)}
+
+
+def write(path: str | None, length: int, rows: list[dict]) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "length": length,
+                                          "rows": rows}, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    loaded = load_model("270m", log=lambda *_: None)
-    grid = read_gguf_grid(loaded.gguf_path)
-    ids = torch.tensor([validation_ids(loaded.tokenizer, args.length)])
-    with torch.no_grad():
-        ref = loaded.model(ids)[0].log_softmax(-1)
-    base = ox.simulate(loaded.model, "gguf", grid)
+    grid, ids, ref, base = setup(args.length)
     layers = [n for n, p in base.named_parameters() if p.dim() == 2 and n != EMBED]
     mixes = {"gguf (every tensor its own blocks)": {},
              "embedding/head int4 block 32": {EMBED: 32},
@@ -64,20 +90,10 @@ def main() -> None:
              "every layer tensor int4 block 32": dict.fromkeys(layers, 32)}
     rows = []
     for label, int4 in mixes.items():
-        model = copy.deepcopy(base)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in int4:
-                    p.copy_(ox.fake_nbits(p, 4, int4[name]))
-            got = model(ids)[0].log_softmax(-1)
-        row = {"mix": label, "size_mb": round(size_mb(base, grid, int4), 1),
-               "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
-               "kl": round(float((ref.exp() * (ref - got)).sum(-1).mean()), 4)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "length": args.length,
-                                               "rows": rows}, indent=1) + "\n")
+        rounding = {name: functools.partial(ox.fake_nbits, bits=4, block=block) for name, block in int4.items()}
+        rows.append({"mix": label, "size_mb": round(size_mb(base, grid, int4), 1), **score(base, rounding, ids, ref)})
+        print(json.dumps(rows[-1]), flush=True)
+    write(args.json, args.length, rows)
 
 
 if __name__ == "__main__":

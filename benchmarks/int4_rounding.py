@@ -14,7 +14,6 @@ the Q8_0 table as `--quant gguf` stores it; the embedding gather's scale copy (2
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -23,12 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gemma3_export.exporters import onnx as ox  # noqa: E402
-from gemma3_export.gguf_grid import read_gguf_grid  # noqa: E402
-from gemma3_export.load import load_model  # noqa: E402
-from gemma3_export.validate import validation_ids  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-EMBED = "model.embed_tokens.weight"
+from gguf_mix import EMBED, score, setup, write  # noqa: E402  (the same reference and scoring)
+
+from gemma3_export.exporters import onnx as ox  # noqa: E402
 BLOCK = 32
 
 
@@ -55,11 +53,12 @@ def hqq(w: torch.Tensor, integer_zero: bool) -> torch.Tensor:
     return ((q - zero) * scale).flatten(-2)
 
 
+# label -> (rounding of one weight, whether it stores zero points)
 METHODS = {
-    "round to nearest, symmetric (int4b32)": lambda w: ox.fake_nbits(w, 4, BLOCK),
-    "round to nearest, asymmetric (integer zero point)": rtn_asymmetric,
-    "HQQ (float zero point)": lambda w: hqq(w, False),
-    "HQQ, zero point rounded to an integer": lambda w: hqq(w, True),
+    "round to nearest, symmetric (int4b32)": (lambda w: ox.fake_nbits(w, 4, BLOCK), False),
+    "round to nearest, asymmetric (integer zero point)": (rtn_asymmetric, True),
+    "HQQ (float zero point)": (lambda w: hqq(w, False), True),
+    "HQQ, zero point rounded to an integer": (lambda w: hqq(w, True), True),
 }
 
 
@@ -68,34 +67,18 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    loaded = load_model("270m", log=lambda *_: None)
-    grid = read_gguf_grid(loaded.gguf_path)
-    ids = torch.tensor([validation_ids(loaded.tokenizer, args.length)])
-    with torch.no_grad():
-        ref = loaded.model(ids)[0].log_softmax(-1)
-    base = ox.simulate(loaded.model, "gguf", grid)
+    grid, ids, ref, base = setup(args.length)
     layers = {n: p.shape for n, p in base.named_parameters() if p.dim() == 2 and n != EMBED}
     n_layer = sum(s[0] * s[1] for s in layers.values())
     e = grid[EMBED]
     table = e.u.size * e.bits / 8 + e.scales.size * 4
     rows = []
-    for label, method in METHODS.items():
-        model = copy.deepcopy(base)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in layers:
-                    p.copy_(method(p))
-            got = model(ids)[0].log_softmax(-1)
-        zp = 0 if label.startswith("round to nearest, symmetric") else n_layer / BLOCK / 2
-        row = {"method": label, "size_mb": round((table + n_layer / 2 + n_layer / BLOCK * 4 + zp) / 1e6, 1),
-               "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
-               "kl": round(float((ref.exp() * (ref - got)).sum(-1).mean()), 4)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "length": args.length,
-                                               "rows": rows}, indent=1) + "\n")
+    for label, (method, zero_points) in METHODS.items():
+        zp = n_layer / BLOCK / 2 if zero_points else 0
+        rows.append({"method": label, "size_mb": round((table + n_layer / 2 + n_layer / BLOCK * 4 + zp) / 1e6, 1),
+                     **score(base, dict.fromkeys(layers, method), ids, ref)})
+        print(json.dumps(rows[-1]), flush=True)
+    write(args.json, args.length, rows)
 
 
 if __name__ == "__main__":
