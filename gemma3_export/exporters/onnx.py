@@ -286,7 +286,8 @@ def simulate(model: nn.Module, scheme: str, grid=None) -> nn.Module:
 
 def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int | None = None) -> dict:
     """Write model.onnx (+ model.onnx.data for large models) into `folder`; return manifest fields.
-    `accuracy_level` (MatMulNBits: 4 = int8 compute) applies to int8/int4/int4b32."""
+    `accuracy_level` (MatMulNBits: 4 = int8 compute) applies to int8/int4/int4b32; gguf always runs at
+    GGUF_ACCURACY_LEVEL."""
     import onnx
 
     scheme = spec.scheme.name
