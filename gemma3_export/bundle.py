@@ -109,6 +109,13 @@ class Bundle:
         return self.path / self.manifest["artifact"]
 
     @property
+    def vision_artifact(self) -> Path:
+        """The vision encoder's artifact; a bundle exported without --vision is refused in one sentence."""
+        if "vision" not in self.manifest:
+            raise UserError(f"{self.path} was exported without --vision; it takes no images.")
+        return self.path / self.manifest["vision"]["artifact"]
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path / self.manifest["tokenizer"]
 

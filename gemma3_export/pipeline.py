@@ -247,8 +247,6 @@ def open_runner(bundle: str | Path | Bundle):
 
 def open_vision_encoder(bundle: Bundle):
     """The bundle's vision artifact in its runtime: `encoder(pixels [N, 3, S, S]) -> [N, tokens, hidden]`."""
-    if "vision" not in bundle.manifest:
-        raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
     if bundle.target not in VISION_RUNTIMES:
         raise UserError(f"Images run on {', '.join(VISION_RUNTIMES)} bundles so far, not {bundle.target}.")
     return _resolve(VISION_RUNTIMES, bundle.target).from_bundle(bundle)

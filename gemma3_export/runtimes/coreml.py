@@ -197,8 +197,6 @@ class CoreMLRunner(Runner):
 
     def _step_images(self, tokens: np.ndarray, pos: int, image_embeds: np.ndarray | None) -> np.ndarray:
         T = tokens.shape[1]
-        if image_embeds is not None and self.embed_width is None:
-            raise UserError("This bundle was exported without --vision; it takes no images.")
         if self.embed_width is not None and image_embeds is None:  # a text step of a vision bundle
             image_embeds = np.zeros((1, T, self.embed_width), np.float32)
         if T == self.chunk:
@@ -322,8 +320,7 @@ class CoreMLVisionEncoder:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, proxy: bool | None = None) -> CoreMLVisionEncoder:
-        if "vision" not in bundle.manifest:
-            raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
+        bundle.vision_artifact  # refuses a bundle exported without --vision
         return cls(bundle, proxy)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:

@@ -71,8 +71,6 @@ class ExecuTorchRunner(Runner):
         return logits[0].clone().numpy()  # [vocab]; the output buffer is reused by the next call
 
     def _step_images(self, tokens: np.ndarray, pos: int, image_embeds: np.ndarray) -> np.ndarray:
-        if self.embed_width is None:
-            raise UserError("This bundle was exported without --vision; it takes no images.")
         inputs = [torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)), torch.tensor([pos]),
                   torch.from_numpy(np.ascontiguousarray(image_embeds, dtype=np.float32))]
         (logits,) = self.method.execute(inputs)
@@ -99,9 +97,7 @@ class ExecuTorchVisionEncoder:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> ExecuTorchVisionEncoder:
-        if "vision" not in bundle.manifest:
-            raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
-        return cls(bundle.path / bundle.manifest["vision"]["artifact"], threads)
+        return cls(bundle.vision_artifact, threads)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         out = [self.method.execute([torch.from_numpy(np.ascontiguousarray(p[None], np.float32))])[0].clone().numpy()

@@ -81,8 +81,6 @@ class OnnxRunner(Runner):
         return self._logits.numpy()[0].copy()  # the buffer is reused next step
 
     def _step_images(self, tokens: np.ndarray, pos: int, image_embeds: np.ndarray) -> np.ndarray:
-        if self.embed_width is None:
-            raise UserError("This bundle was exported without --vision; it takes no images.")
         self.binding.bind_cpu_input("image_embeds", np.ascontiguousarray(image_embeds, dtype=np.float32))
         self.binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         self.binding.bind_cpu_input("input_pos", np.array([pos], dtype=np.int64))
@@ -114,9 +112,7 @@ class OnnxVisionEncoder:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> OnnxVisionEncoder:
-        if "vision" not in bundle.manifest:
-            raise UserError(f"{bundle.path} was exported without --vision; it takes no images.")
-        return cls(bundle.path / bundle.manifest["vision"]["artifact"], threads)
+        return cls(bundle.vision_artifact, threads)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         out = [self.session.run(["image_embeds"], {"pixels": np.ascontiguousarray(p[None], np.float32)})[0] for p in pixels]
