@@ -3,17 +3,24 @@
 A runner (eager here; onnxruntime, ExecuTorch and Core ML ones in `runtimes/`) implements `_step`:
 one call of the exported forward over tokens[1, T] at absolute position `pos`, returning the last
 token's logits. Everything else (chunk plans, the context limit, sampling, streaming) is here once.
+
+numpy in, numpy out: this module never imports torch at import time, so a bundle's runner
+(runtimes/onnx.py) loads and generates without it (`import torch` alone adds ~220 MB of peak RSS).
+Only EagerRunner, handed a torch model, uses torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Runner:
@@ -123,14 +130,17 @@ class EagerRunner(Runner):
         model.setup_caches(max_context)
         self.image_token_id = image_token_id
 
-    @torch.no_grad()
     def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        logits = self.model(torch.from_numpy(tokens), torch.tensor([pos]))
-        return logits[0].float().numpy()
+        return self._forward(tokens, pos)
 
-    @torch.no_grad()
     def _step_images(self, tokens: np.ndarray, pos: int, image_embeds: np.ndarray) -> np.ndarray:
-        logits = self.model(torch.from_numpy(tokens), torch.tensor([pos]), torch.from_numpy(image_embeds))
+        return self._forward(tokens, pos, image_embeds)
+
+    def _forward(self, tokens: np.ndarray, pos: int, *image_embeds: np.ndarray) -> np.ndarray:
+        import torch  # already loaded with the model; imported here so bundle runners never load it
+
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(tokens), torch.tensor([pos]), *map(torch.from_numpy, image_embeds))
         return logits[0].float().numpy()
 
     def _reset(self) -> None:
@@ -139,7 +149,8 @@ class EagerRunner(Runner):
 
 @dataclass
 class Sampling:
-    """temperature 0 is greedy; otherwise sample from the top_k / top_p filtered distribution."""
+    """temperature 0 is greedy; otherwise sample from the top_k / top_p filtered distribution.
+    Draws come from numpy's PCG64 seeded with `seed`: reproducible, the same on every runtime."""
 
     temperature: float = 0.0
     top_k: int = 64
@@ -149,21 +160,25 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise UserError("Sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0.")
-        self._gen = torch.Generator().manual_seed(self.seed)
+        self._rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature == 0:
             return int(np.argmax(logits))
-        x = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / self.temperature
+        x = np.asarray(logits, dtype=np.float32) / np.float32(self.temperature)  # [vocab]
+        ids = np.arange(x.size)  # the candidates
         if self.top_k:
-            kth = torch.topk(x, min(self.top_k, x.numel())).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        probs = x.softmax(-1)
+            k = min(self.top_k, x.size)
+            ids = np.flatnonzero(x >= np.partition(x, -k)[-k])  # ties at the k-th value are all kept
+        probs = np.exp(x[ids] - x[ids].max())
+        probs /= probs.sum()
         if self.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest set reaching top_p
+            order = np.argsort(-probs, kind="stable")
+            sorted_p = probs[order]
+            drop = np.cumsum(sorted_p) - sorted_p > self.top_p  # keep the smallest set reaching top_p
             probs[order[drop]] = 0
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=self._gen))
+        p = probs.astype(np.float64)
+        return int(ids[self._rng.choice(ids.size, p=p / p.sum())])
 
 
 def generate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import io
 import shutil
 import tempfile
 from pathlib import Path
@@ -155,6 +156,49 @@ def test_reset_forgets_the_conversation(fp32_runner):
     fp32_runner.decode(9)
     fp32_runner.reset()
     assert fp32_runner.pos == 0 and np.array_equal(fp32_runner.prefill(ids), first)
+
+
+_NO_TORCH = """
+import io, json, sys
+from gemma3_export.chat import Conversation, open_source
+from gemma3_export.cli import main
+from gemma3_export.generate import Sampling, generate
+
+bundle, prompt = sys.argv[1], json.loads(sys.argv[2])
+runner, tok = open_source(bundle=bundle)
+greedy = list(generate(runner, prompt, 30, stop_ids=()))
+runner.reset()
+sampled = list(generate(runner, prompt, 12, stop_ids=(), sampling=Sampling(temperature=1.0, top_k=20, seed=4)))
+runner.reset()
+reply, _ = Conversation(runner, tok).say("hello there", 6, Sampling(), out=io.StringIO())
+code = main(["generate", "--bundle", bundle, "--prompt", "hello", "--max-new-tokens", "3"])
+print(json.dumps({"greedy": greedy, "sampled": sampled, "reply": reply, "code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_running_a_bundle_never_imports_torch(fp32_runner, tiny):
+    """`import torch` alone adds ~220 MB of peak RSS: loading an ONNX bundle and generating from it
+    (library, chat and CLI paths) stays numpy-only, with the tokens of the in-process runners."""
+    import json
+    import subprocess
+    import sys
+
+    from gemma3_export.chat import Conversation
+    from gemma3_export.generate import Sampling, generate
+    from gemma3_export.tokenizer import Tokenizer
+
+    prompt = token_ids(11, seed=3)
+    run = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tiny_bundle("fp32")), json.dumps(prompt)],
+                         capture_output=True, text=True, check=True)
+    got = json.loads(run.stdout.splitlines()[-1])
+    assert not got["torch"] and got["code"] == 0
+    assert got["greedy"] == list(generate(EagerRunner(tiny, CONTEXT, CHUNK), prompt, 30, stop_ids=()))
+    fp32_runner.reset()
+    sampling = Sampling(temperature=1.0, top_k=20, seed=4)
+    assert got["sampled"] == list(generate(fp32_runner, prompt, 12, stop_ids=(), sampling=sampling))
+    fp32_runner.reset()
+    tok = Tokenizer(read_bundle(tiny_bundle("fp32")).tokenizer_path)
+    assert got["reply"] == Conversation(fp32_runner, tok).say("hello there", 6, Sampling(), out=io.StringIO())[0]
 
 
 # -- int4 blocks of 32 through the pipeline ----------------------------------------------------------
