@@ -212,9 +212,13 @@ def test_int4b32_agrees_with_the_eager_model():
     _, got = run_plan(runner, ids)
     _, float_ref = run_plan(EagerRunner(model, CONTEXT, CHUNK), ids)
     _, sim_ref = run_plan(EagerRunner(onnx_export.simulate(model, "int4b32"), CONTEXT, CHUNK), ids)
+    assert bundle.manifest["target_info"]["accuracy_level"] == onnx_export.ACCURACY_LEVEL == 4
     agree = np.mean([a.argmax() == b.argmax() for a, b in zip(got, float_ref)])
     assert agree >= 0.95
-    assert max(float(np.abs(a - b).max()) for a, b in zip(got, sim_ref)) <= 1e-4  # the same grid
+    # The same grid, int8 activations included: run-time roundings flip on last-digit differences, so
+    # agreement and KL, not max abs (the exact comparison is test_scheme_matches_its_simulation's).
+    top1, kl = agreement(got, sim_ref)
+    assert top1 >= 0.95 and kl <= 2e-3
 
 
 def _initializer(graph, name: str) -> np.ndarray:
@@ -231,6 +235,8 @@ def test_int4b32_stores_the_simulated_grid_once():
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
     assert gather.input[0] == head.input[1]  # one table for the embedding and the head
+    scales_of_gather = next(n for n in graph.node if gather.input[2] in n.output)
+    assert scales_of_gather.op_type == "Reshape" and scales_of_gather.input[0] == head.input[2]  # and one set of scales
     # Every matrix (the head included) holds exactly the codes and scales of the eager simulation.
     stored = []
     for n in graph.node:
@@ -269,16 +275,25 @@ def _open(proto, folder: Path, dtype: str = "float32") -> OnnxRunner:
     return OnnxRunner(folder / "model.onnx", inputs, outputs, CONTEXT, CHUNK)
 
 
+def agreement(got: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, float]:
+    """Share of steps with the same greedy token, and the mean KL(ref || got) per step."""
+    top1 = np.mean([a.argmax() == b.argmax() for a, b in zip(got, ref)])
+    kl = np.mean([float(torch.nn.functional.kl_div(torch.from_numpy(a).log_softmax(-1), torch.from_numpy(b).log_softmax(-1),
+                                                   log_target=True, reduction="sum")) for a, b in zip(got, ref)])
+    return float(top1), float(kl)
+
+
 @pytest.mark.parametrize("scheme, bits_per_weight", [("int8", 8), ("int4", 4), ("int4b32", 4), ("fp8", 8)])
 def test_scheme_matches_its_simulation(small, tmp_path, scheme, bits_per_weight):
+    """At accuracy_level 0 (fp32 compute) the artifact is its simulation up to float rounding."""
     model, spec, proto = small
     proto = copy.deepcopy(proto)
     float_bytes = sum(onnx_export._tensor_bytes(t) for t in proto.graph.initializer)
-    proto = onnx_export.quantize_fp8(proto) if scheme == "fp8" else onnx_export.quantize_nbits(proto, scheme)
+    proto = onnx_export.quantize_fp8(proto) if scheme == "fp8" else onnx_export.quantize_nbits(proto, scheme, 0)
     runner = _open(proto, tmp_path / scheme)
     ids = token_ids(sum(PLAN), seed=4)
     _, got = run_plan(runner, ids)
-    _, ref = run_plan(EagerRunner(onnx_export.simulate(model, scheme), CONTEXT, CHUNK), ids)
+    _, ref = run_plan(EagerRunner(onnx_export.simulate(model, scheme, accuracy_level=0), CONTEXT, CHUNK), ids)
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, ref)) <= 1e-4
     quant_bytes = sum(onnx_export._tensor_bytes(t) for t in proto.graph.initializer)
     assert quant_bytes < float_bytes * (bits_per_weight / 32) * 1.35  # scales and norms on top
@@ -287,15 +302,50 @@ def test_scheme_matches_its_simulation(small, tmp_path, scheme, bits_per_weight)
     assert not [t.name for t in big if "scale" not in t.name]  # every matrix quantized, the head too
 
 
-def test_accuracy_level_4_quantizes_activations(small, tmp_path):
+@pytest.mark.parametrize("bits, block, k", [(4, 32, 640), (4, 128, 640), (8, 128, 640), (4, 64, 64), (8, 64, 64)])
+def test_int8_compute_is_simulated_per_weight_block(bits, block, k):
+    """One MatMulNBits at accuracy_level 4 (int4 blocks of 32, per-channel int4/int8 stored in blocks
+    of gcd(K, 128)) computes what `fake_int8_blocks` + the float matmul compute, to float rounding;
+    the product of the float inputs is over 100x further away."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    gen = torch.Generator().manual_seed(bits + block + k)
+    n = 96
+    w, x = torch.randn(n, k, generator=gen) * 0.05, torch.randn(5, k, generator=gen) * 3
+    codes, scale = onnx_export.nbits_codes(w, bits, block if block == 32 else k)
+    p = onnx_export._signed(bits, codes.view(n, -1)[:, :k], scale.view(n, -1))
+    assert p.block == block
+    u = p.u[:, 0::2] | (p.u[:, 1::2] << 4) if bits == 4 else p.u
+    node = helper.make_node("MatMulNBits", ["x", "B", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=4)
+    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              [numpy_helper.from_array(np.ascontiguousarray(u.reshape(n, k // block, -1)), "B"),
+                               numpy_helper.from_array(p.scales, "s")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    wq = (codes * scale).view(n, -1)[:, :k]
+    got = session.run(None, {"x": x.numpy()})[0]
+    simulated = (onnx_export.fake_int8_blocks(x, block) @ wq.T).numpy()
+    err_simulated, err_float_inputs = np.abs(got - simulated).max(), np.abs(got - (x @ wq.T).numpy()).max()
+    assert err_simulated <= 1e-5 * np.abs(simulated).max() and err_simulated * 100 < err_float_inputs
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4b32"])
+def test_accuracy_level_4_is_the_default_and_simulated(small, tmp_path, scheme):
     model, spec, proto = small
-    proto = onnx_export.quantize_nbits(copy.deepcopy(proto), "int4b32", accuracy_level=4)
-    levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
-    assert levels == {4}
+    info = onnx_export.export(model, tmp_path, make_spec("tiny", "onnx", scheme, CONTEXT, CHUNK), log=lambda *_: None)
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4} and info["target_info"]["accuracy_level"] == 4
     ids = token_ids(sum(PLAN), seed=5)
-    _, got = run_plan(_open(proto, tmp_path / "acc4"), ids)
-    _, ref = run_plan(EagerRunner(onnx_export.simulate(model, "int4b32"), CONTEXT, CHUNK), ids)
-    assert np.mean([a.argmax() == b.argmax() for a, b in zip(got, ref)]) >= 0.95
+    _, got = run_plan(OnnxRunner(tmp_path / "model.onnx", info["inputs"], info["outputs"], CONTEXT, CHUNK), ids)
+    _, ref = run_plan(EagerRunner(onnx_export.simulate(model, scheme), CONTEXT, CHUNK), ids)
+    _, ref_fp32_compute = run_plan(EagerRunner(onnx_export.simulate(model, scheme, accuracy_level=0), CONTEXT, CHUNK), ids)
+    err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
+    assert err <= 1e-4  # the same grid and the same int8 inputs: float rounding only
+    assert err * 100 < max(float(np.abs(a - b).max()) for a, b in zip(got, ref_fp32_compute))
 
 
 def test_fp16_keeps_the_residual_stream_in_fp32(small, tmp_path):

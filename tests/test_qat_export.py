@@ -84,7 +84,9 @@ def test_onnx_stores_the_qat_grid_exactly(checkpoints, tmp_path, scheme):
         assert np.array_equal(scales[:, :1] if per_block.shape[1] == 1 else scales, per_block)
     summary = validate_bundle(bundle, **QUIET)
     assert summary["reference"] == f"eager {scheme} (QAT grid)"
-    assert summary["vs_reference"]["max_abs"] <= 1e-4 and summary["vs_float"]["max_abs"] <= 1e-4
+    # The trained grid, with int8 inputs as accuracy_level 4 rounds them (chaotic in the last digits:
+    # judged by agreement); against the checkpoint itself, int8 inputs are all that differs.
+    assert summary["passed"] and summary["vs_reference"]["top1"] >= 0.95 and summary["vs_float"]["top1"] >= 0.95
 
 
 def test_onnx_fp8_stores_the_qat_grid_exactly(checkpoints, tmp_path):

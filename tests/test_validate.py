@@ -56,9 +56,11 @@ def test_quantized_bundle_is_judged_against_its_simulation(tmp_path):
     path = copy_bundle("int4b32", tmp_path)
     s = validate.validate_bundle(path, log=lambda *_: None)
     assert s["passed"] and s["reference"] == "eager int4b32"
-    assert s["vs_reference"]["max_abs"] <= 1e-4  # the same grid: rounding only
-    assert s["vs_float"]["max_abs"] > 100 * s["vs_reference"]["max_abs"]  # what int4 costs, reported
-    assert s["thresholds"] == validate.SAME_GRID_DEFAULT.__dict__
+    # accuracy_level 4: the artifact rounds linear inputs to int8 at run time, as the reference does;
+    # last-digit differences flip some of those roundings, so it is judged by agreement and KL.
+    assert s["thresholds"] == validate.DYNAMIC_INT8.__dict__
+    assert s["vs_reference"]["top1"] >= 0.95
+    assert s["vs_float"]["kl"] > 10 * s["vs_reference"]["kl"]  # what int4 costs, reported
 
 
 def test_tampered_artifact_fails_with_exit_1(capsys, tmp_path):
@@ -78,7 +80,7 @@ def test_tampered_artifact_fails_with_exit_1(capsys, tmp_path):
 
 def test_tightened_thresholds_fail_with_exit_1(capsys, tmp_path, monkeypatch):
     path = copy_bundle("int4b32", tmp_path)
-    monkeypatch.setitem(validate.SAME_GRID, "int4b32", validate.Thresholds(1e-9, 1.0, 0.0))
+    monkeypatch.setattr(validate, "DYNAMIC_INT8", validate.Thresholds(1e-9, 1.0, 0.0))  # int4b32 at accuracy_level 4
     code, _, err = run_cli(capsys, "validate", str(path))
     assert code == 1 and "max abs logit diff" in err and "KL" in err
 

@@ -46,10 +46,13 @@ ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to an external data file (protobuf stops at 2 GB)
 NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32)}  # bits, block (None: per channel)
 MATMUL_NBITS = (*NBITS, "gguf")  # gguf: each weight's own GGUF blocks (gguf_grid.py)
-# onnxruntime runs 8-bit MatMulNBits fast only with int8 compute (accuracy_level 4: inputs quantized to
-# int8 per weight block, as llama.cpp does for these formats); with fp32 compute one decode step of a
-# 640x2048 weight takes 43x longer (benchmarks/matmulnbits_forms.py). `simulate` quantizes the same way.
-GGUF_ACCURACY_LEVEL = 4
+# MatMulNBits' accuracy_level: 4 = int8 compute (each linear's input quantized to int8 per weight block,
+# as llama.cpp and onnxruntime-genai's builder run int4), 0 = dequantize and compute in fp32. onnxruntime's
+# fast CPU kernels are the int8 ones: one decode step of a 640x2048 weight takes 43x longer at level 0 in
+# 8 bits (benchmarks/matmulnbits_forms.py), and the real 270M int4b32 decodes 1.4-1.8x slower at level 0
+# (docs/onnx.md). Level 4 is the default; gguf always runs at it. `simulate` quantizes the same way.
+ACCURACY_LEVEL = 4
+ACCURACY_LEVELS = (0, 4)
 FP16_MAX = 65504.0
 FP8_MAX = 448.0  # float8 e4m3fn
 
@@ -245,10 +248,11 @@ def fake_fp8(w: Tensor) -> Tensor:
     return (codes.float() * scale[:, None]).to(w.dtype)
 
 
-def simulate(model: nn.Module, scheme: str, grid=None) -> nn.Module:
+def simulate(model: nn.Module, scheme: str, grid=None, accuracy_level: int = ACCURACY_LEVEL) -> nn.Module:
     """A copy of the eager model on the artifact's grid: weights quantized and dequantized exactly as
     the ONNX export stores them (fp16: the same fp16 modules). A QAT checkpoint's weights already lie
-    on the grid the export imports: they stay as they are."""
+    on the grid the export imports: they stay as they are. MatMulNBits schemes at `accuracy_level` 4
+    also quantize each linear's input as onnxruntime does (`fake_int8_blocks`, per weight block)."""
     sim = copy.deepcopy(model)
     if scheme == "gguf":  # the GGUF's blocks as stored; what has no MatMulNBits form is rounded to int8
         with torch.no_grad():
@@ -265,19 +269,23 @@ def simulate(model: nn.Module, scheme: str, grid=None) -> nn.Module:
                 key = "model.embed_tokens.weight" if module.weight is sim.model.embed_tokens.weight else f"{name}.weight"
                 module.register_forward_pre_hook(_int8_activations(blocks[key]))
         return sim
-    if scheme == "fp32" or grid is not None:
-        return sim
     if scheme == "fp16":
         return _to_half(sim)
     if scheme == "fp8":
         fake = fake_fp8
-    else:
+    elif scheme in NBITS:
         bits = NBITS[scheme][0]
         fake = lambda w: fake_nbits(w, bits, block_for(scheme, w.shape[1]))  # noqa: E731
-    with torch.no_grad():
+    if scheme != "fp32" and grid is None:
+        with torch.no_grad():
+            for module in sim.modules():
+                if isinstance(module, nn.Linear):  # the head is tied: the embedding follows it
+                    module.weight.copy_(fake(module.weight))
+    if scheme in NBITS and accuracy_level == 4:
         for module in sim.modules():
-            if isinstance(module, nn.Linear):  # the head is tied: the embedding follows it
-                module.weight.copy_(fake(module.weight))
+            if isinstance(module, nn.Linear):
+                k = module.weight.shape[1]
+                module.register_forward_pre_hook(_int8_activations(32 if NBITS[scheme][1] else math.gcd(k, 128)))
     return sim
 
 
@@ -286,15 +294,17 @@ def simulate(model: nn.Module, scheme: str, grid=None) -> nn.Module:
 
 def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int | None = None) -> dict:
     """Write model.onnx (+ model.onnx.data for large models) into `folder`; return manifest fields.
-    `accuracy_level` (MatMulNBits: 4 = int8 compute) applies to int8/int4/int4b32; gguf always runs at
-    GGUF_ACCURACY_LEVEL."""
+    `accuracy_level` (MatMulNBits: 4 = int8 compute, 0 = fp32) applies to int8/int4/int4b32 (default
+    ACCURACY_LEVEL); gguf always runs at ACCURACY_LEVEL."""
     import onnx
 
     scheme = spec.scheme.name
-    if scheme == "gguf":
-        accuracy_level = GGUF_ACCURACY_LEVEL
     if accuracy_level is not None and scheme not in MATMUL_NBITS:
         raise UserError(f"accuracy_level applies to {', '.join(MATMUL_NBITS)}, not {scheme}.")
+    if accuracy_level not in (None, *ACCURACY_LEVELS):
+        raise UserError(f"accuracy_level is one of {', '.join(map(str, ACCURACY_LEVELS))}, not {accuracy_level}.")
+    if scheme == "gguf" or (scheme in MATMUL_NBITS and accuracy_level is None):
+        accuracy_level = ACCURACY_LEVEL
     config = model.config
     start = time.perf_counter()
     proto = _torch_export(model, spec, scheme)
@@ -599,7 +609,9 @@ def grid_codes(model: nn.Module, grid) -> Callable:
 
 def _share_embedding_nbits(graph) -> None:
     """Gather rows of the head's MatMulNBits table: B [V, k_blocks, blob] uint8 is exactly the
-    embedding [V, H] quantized per row in blocks along H."""
+    embedding [V, H] quantized per row in blocks along H. The scales too are the head's, reshaped in
+    the graph to the [V, k_blocks, 1] GatherBlockQuantized takes (MatMulNBits refuses that shape): a
+    stored copy would add 4 bytes per block (21 MB on the 270M in blocks of 32)."""
     from onnx import helper, numpy_helper
 
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
@@ -607,17 +619,17 @@ def _share_embedding_nbits(graph) -> None:
     hidden, block, bits = attrs["K"], attrs["block_size"], attrs["bits"]
     inits = _initializers(graph)
     k_blocks = inits[head.input[1]].dims[1]
-    scales = numpy_helper.to_array(inits[head.input[2]]).reshape(-1, k_blocks, 1)  # [V, kb, 1]
     gather = _embedding_gather(graph)
     name, out = gather.name, gather.output[0]
     graph.initializer.extend([
-        numpy_helper.from_array(scales, "embed_scales"),
+        numpy_helper.from_array(np.array([-1, k_blocks, 1], np.int64), "embed_scales_shape"),
         numpy_helper.from_array(np.array([1, -1, k_blocks * block], np.int64), "embed_flat_shape"),
         numpy_helper.from_array(np.array([0], np.int64), "embed_start"),
         numpy_helper.from_array(np.array([hidden], np.int64), "embed_stop"),
         numpy_helper.from_array(np.array([2], np.int64), "embed_axis"),
     ])
     nodes = [
+        helper.make_node("Reshape", [head.input[2], "embed_scales_shape"], ["embed_scales"], name=f"{name}_scales"),
         helper.make_node("GatherBlockQuantized", [head.input[1], gather.input[1], "embed_scales"], [f"{name}_q"],
                          name=f"{name}_q", domain="com.microsoft", gather_axis=0, quantize_axis=2,
                          block_size=block, bits=bits),  # [1, T, kb, block]
