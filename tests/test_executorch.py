@@ -75,8 +75,11 @@ def runner_of(bundle) -> ExecuTorchRunner:
 
 # -- the fp32 program against the eager cached model ----------------------------------------------
 
-# Chunk sizes whose ends land on W-1, W, W+1 and 2W and whose spans straddle 3W and 4W (W = 8).
-SIZES = [7, 1, 1, 1, 6, 1, 8, 5, 6]
+# Chunk sizes whose ends land on W-1, W, W+1 and 2W and whose spans straddle 3W and 4W (W = 8). The
+# program's rings have W + C - 1 = 15 slots (executorch_cache): chunks 10..15 and 29..35 wrap around
+# their end, and 17..24 overwrites 8 slots of a full ring before its queries attend.
+SIZES = [7, 1, 1, 1, 6, 1, 8, 4, 7]
+RING = 8 + CHUNK - 1
 
 
 def stepwise(runner, ids: list[int], sizes: list[int]) -> np.ndarray:
@@ -98,6 +101,44 @@ def test_fp32_pte_matches_eager_across_windows(fp32_bundle, loaded):
     diff = np.abs(got - ref).max()
     assert diff <= 1e-4, diff  # measured 3.1e-5 with logits up to ~29 (XNNPACK's sums run in another order)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_the_program_has_the_rings_the_window_tests_cross(fp32_bundle):
+    """The manifest describes the program's buffers, and SIZES wraps around their rings twice."""
+    from gemma3_export.bundle import read_bundle
+
+    cache = read_bundle(fp32_bundle).manifest["cache"]
+    assert {(c["cache"], c["slots"]) for c in cache} == {("ring", RING), ("full", CONTEXT)}
+    assert [c["shape"] for c in cache][:3] == [[1, RING, 2, 32], [1, RING, 2, 32], [1, CONTEXT, 2, 32]]
+    ends = np.cumsum(SIZES)
+    assert all(any(a < wrap < b for a, b in zip(ends, ends[1:])) for wrap in (RING, 2 * RING))
+
+
+def forward_kernels(pte) -> dict[str, int]:
+    """What `forward` runs per call: instructions by kernel, a delegate call counting as one
+    (benchmarks/pte_ops.py)."""
+    from collections import Counter
+    from pathlib import Path
+
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    prog = deserialize_pte_binary(Path(pte).read_bytes())
+    plan = next(p for p in getattr(prog, "program", prog).execution_plan if p.name == "forward")
+    ops = [o.name + ("." + o.overload if o.overload else "") for o in plan.operators]
+    return Counter(ops[i.instr_args.op_index] if type(i.instr_args).__name__ == "KernelCall" else type(i.instr_args).__name__
+                   for chain in plan.chains for i in chain.instructions)
+
+
+@pytest.mark.parametrize("which", ["fp32", "8da4w"])
+def test_caches_are_written_in_place_and_never_copied(which, fp32_bundle, q_bundle):
+    """Issue 9: the caches are updated by llama::update_cache* in place and read by llama::custom_sdpa;
+    no kernel copies, expands or index_puts anything (before: every cache twice per step)."""
+    ops = forward_kernels((fp32_bundle if which == "fp32" else q_bundle) / "model.pte")
+    copying = {op: n for op, n in ops.items() if op.split(".")[0] in ("aten::index_put", "aten::copy_", "aten::expand_copy")}
+    assert not copying, copying
+    layers = 6
+    assert ops["llama::custom_sdpa.out"] == layers
+    assert ops["llama::update_cache.out"] + ops["llama::update_cache_with_indices.out"] == 2 * layers
 
 
 def test_reset_conversation_equals_fresh_one(fp32_bundle):
@@ -191,6 +232,7 @@ def test_8da4w_pte_agrees_with_eager_8da4w(q_bundle, loaded):
 @pytest.mark.parametrize("which", ["fp32", "8da4w"])
 def test_stock_runner_generates_our_greedy_tokens(which, fp32_bundle, q_bundle, loaded):
     import executorch.kernels.quantized  # noqa: F401  (its quantized embedding kernels, as the apps link them)
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama::*, in the Android AAR too)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     from gemma3_export.bundle import read_bundle

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from ..model import MLP, Gemma3ForCausalLM
 from ..quant import SCHEMES
+from .executorch_cache import cache_layout, use_custom_ops
 
 if TYPE_CHECKING:
     from ..pipeline import ExportSpec
@@ -110,11 +112,12 @@ def metadata(model: Gemma3ForCausalLM, context: int, chunk: int) -> dict[str, ob
 
 
 def to_program(model: Gemma3ForCausalLM, context: int, chunk: int, log=print, image_embeds: bool = False):
-    """torch.export -> XNNPACK -> ExecuTorch program (`.buffer` is the .pte). Modifies `model`.
+    """torch.export -> XNNPACK -> ExecuTorch program (`.buffer` is the .pte). Modifies `model`: in-place
+    caches and custom-op attention (executorch_cache), the tanh GELU spelled out.
     `image_embeds`: forward takes a third input, image_embeds float32[1, T, hidden] (vision bundles)."""
     from torch.export import Dim
 
-    model.setup_caches(context)
+    use_custom_ops(model, context, chunk)
     for layer in model.model.layers:
         if isinstance(layer.mlp, MLP):
             layer.mlp = TanhGeluMLP(layer.mlp)
@@ -126,7 +129,9 @@ def to_program(model: Gemma3ForCausalLM, context: int, chunk: int, log=print, im
         example += (torch.zeros(1, chunk, model.config.hidden_size),)
         dynamic += (dynamic[0],)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # executorch's custom-op meta functions still call torch._check_is_size, once per layer and op
+        warnings.filterwarnings("ignore", "_check_is_size will be removed", FutureWarning)
         ep = torch.export.export(model, example, dynamic_shapes=dynamic, strict=False)
     if chunk > 1:
         _check_dynamic(ep, chunk)
@@ -153,7 +158,7 @@ def lower(ep, constant_methods: dict | None = None, init_buffers: list[str] = ()
 
 def _check_dynamic(ep, chunk: int) -> None:
     """Fail loudly if export pinned T to one value instead of keeping it dynamic up to `chunk`."""
-    uppers = {int(r.upper) for r in ep.range_constraints.values()}
+    uppers = {int(r.upper) for r in ep.range_constraints.values() if r.upper.is_Integer}  # positions: unbounded (oo)
     if chunk not in uppers:
         raise RuntimeError(f"torch.export did not keep T dynamic up to {chunk}: {ep.range_constraints}")
 
@@ -187,12 +192,15 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec: ExportSpec, log=print) 
         ],
         "outputs": [{"name": "logits", "shape": [1, config.vocab_size], "dtype": "float32"}],
         "cache_dtype": "float32",
+        "cache": cache_layout(config, spec.context, spec.chunk),
         "prefill_chunks": list(range(1, spec.chunk + 1)),
         "target_info": {
             "method": "forward",
             "backend": "XNNPACK",
             "metadata": metadata(model, spec.context, spec.chunk),
-            "cache": "mutable buffers in the program, zero-initialised",
+            "cache": "mutable buffers [1, slots, n_kv, head_dim] in the program, zero-initialised, written in place "
+                     "(llama::update_cache); local rings of window + chunk - 1 slots",
+            "attention": "llama::custom_sdpa (ExecuTorch's custom_ops kernels, which the runtime must link)",
             "tied_head": "one table per use: weight-only embedding gather, 8da LM-head linear"
             if spec.scheme.name != "fp32" else "float embedding gather and float LM-head linear",
             "gelu": "tanh form spelled out (XNNPACK's gelu op is the erf form)",

@@ -35,6 +35,7 @@ class ExecuTorchRunner(Runner):
     def __init__(self, path: Path, max_context: int, chunk: int, threads: int | None = None):
         super().__init__()
         import executorch.kernels.quantized  # noqa: F401  (registers the quantized embedding kernels)
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama::update_cache, custom_sdpa)
         from executorch.runtime import Runtime
 
         if threads:
