@@ -115,6 +115,20 @@ def test_manifest_describes_the_graph(fp32_runner):
     assert session.get_inputs()[0].shape == [1, "T"]
 
 
+@pytest.mark.parametrize("scheme", ["fp32", "int4b32"])
+def test_every_rms_norm_is_one_fused_node(scheme):
+    """4 norms per layer, q- and k-norm, the final norm: SimplifiedLayerNormalization each, scale 1 + w
+    (the parity tests above run these graphs)."""
+    graph = onnx.load(tiny_bundle(scheme) / "model.onnx").graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 6 * 6 + 1
+    assert not {"Pow", "Sqrt", "Reciprocal", "ReduceMean"} & set(ops)
+    model = load_model("tiny", log=lambda *_: None).model
+    want = {(1 + m.weight.detach()).numpy().tobytes() for m in model.modules() if type(m).__name__ == "RMSNorm"}
+    norms = [n for n in graph.node if n.op_type == "SimplifiedLayerNormalization"]
+    assert {_initializer(graph, n.input[1]).tobytes() for n in norms} == want and len(want) == len(norms)
+
+
 def test_cache_is_bound_in_place_and_never_copied_through_numpy(fp32_runner, monkeypatch):
     fp32_runner.reset()
     pointers = [v.data_ptr() for v in fp32_runner._caches]
