@@ -75,3 +75,17 @@ def tiny_bundle_of(tmp_path_factory):
         return bundles[key]
 
     return get
+
+
+def split_siblings(graph, node, *row_arrays):
+    """The per-projection parts of a MatMulNBits that the exporter stacked from siblings (q/k/v,
+    gate/up), by the Split that follows it: a list of tuples of `row_arrays` (each [N, ...]) cut the same way."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    split = next((m for m in graph.node if m.op_type == "Split" and m.input[0] == node.output[0]), None)
+    if split is None:
+        return [row_arrays]
+    sizes = numpy_helper.to_array(next(t for t in graph.initializer if t.name == split.input[1]))
+    cuts = np.cumsum(sizes)[:-1]
+    return list(zip(*(np.split(a, cuts) for a in row_arrays)))

@@ -24,7 +24,7 @@ from gemma3_export.tokenizer import tiny_tokenizer
 from gemma3_export.validate import validate_bundle
 from gemma3_export.weights import save_gguf
 
-from conftest import tiny_model
+from conftest import split_siblings, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 Q = gguf.GGMLQuantizationType
@@ -85,7 +85,7 @@ def _nbits(path) -> list[np.ndarray]:
         zp = inits[node.input[3]].reshape(n, -1) if len(node.input) > 3 else np.float32(2 ** (bits - 1))
         q = u[:, :k].astype(np.float32).reshape(n, k // block, block)
         zp = zp[..., None] if isinstance(zp, np.ndarray) else zp
-        out.append(((q - zp) * scales[..., None]).reshape(n, k))
+        out += [w for (w,) in split_siblings(proto.graph, node, ((q - zp) * scales[..., None]).reshape(n, k))]
     return out
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import tiny_model
+from conftest import split_siblings, tiny_model
 from gemma3_export.bundle import read_bundle
 from gemma3_export.exporters import onnx as onnx_export
 from gemma3_export.generate import EagerRunner
@@ -243,7 +243,7 @@ def test_int4b32_stores_the_simulated_grid_once():
     graph = onnx.load(tiny_bundle("int4b32") / "model.onnx").graph
     ops = [n.op_type for n in graph.node]
     inits = {t.name for t in graph.initializer}
-    assert ops.count("MatMulNBits") == 6 * 7 + 1
+    assert ops.count("MatMulNBits") == 6 * 4 + 1  # per layer: q/k/v in one, o, gate/up in one, down; the head
     assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & inits]
     assert not [t for t in graph.initializer if sorted(t.dims) == [64, 512]]  # no float embedding or head
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
@@ -258,7 +258,7 @@ def test_int4b32_stores_the_simulated_grid_once():
             packed, scales = _initializer(graph, n.input[1]), _initializer(graph, n.input[2])
             rows, blocks = scales.shape
             codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(rows, -1).astype(np.float32) - 8
-            stored.append(codes * np.repeat(scales, 32, axis=1))
+            stored += [w for (w,) in split_siblings(graph, n, codes * np.repeat(scales, 32, axis=1))]  # q/k/v, gate/up
     model = load_model("tiny", log=lambda *_: None).model
     for linear in [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
         want = onnx_export.fake_nbits(linear.weight, 4, 32).numpy()

@@ -16,7 +16,7 @@ from gemma3_export.qat import qat
 from gemma3_export.validate import validate_bundle
 from gemma3_export.weights import save_hf_folder
 
-from conftest import tiny_model
+from conftest import split_siblings, tiny_model
 
 TEXT = "gemma3_export/data/validation.txt"
 QUIET = dict(log=lambda *_: None)
@@ -64,7 +64,7 @@ def _matmul_nbits_codes(path) -> list[tuple[np.ndarray, np.ndarray]]:
         packed = numpy_helper.to_array(inits[node.input[1]]).reshape(a["N"], -1)
         u = np.stack([packed & 15, packed >> 4], -1).reshape(a["N"], -1)[:, : a["K"]] if a["bits"] == 4 else packed
         scales = numpy_helper.to_array(inits[node.input[2]]).reshape(a["N"], -1)
-        out.append((u.astype(np.int16) - 2 ** (a["bits"] - 1), scales))
+        out += split_siblings(proto.graph, node, u.astype(np.int16) - 2 ** (a["bits"] - 1), scales)
     return out
 
 

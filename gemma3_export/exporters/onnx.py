@@ -556,7 +556,51 @@ def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None, pack: 
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     _share_embedding_nbits(proto.graph)
+    _fuse_sibling_nbits(proto.graph)
     return proto
+
+
+def _fuse_sibling_nbits(graph) -> int:
+    """MatMulNBits nodes that read the same input with the same format (q/k/v, gate/up) -> one node
+    over their weights stacked along N, then a Split: one kernel call instead of three per decode step.
+    Rows are quantized independently, so the stacked tables are exactly the separate ones. Returns
+    how many nodes were merged away."""
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(graph)
+    attrs = lambda n: tuple(sorted((a.name, helper.get_attribute_value(a)) for a in n.attribute if a.name != "N"))  # noqa: E731
+    groups: dict[tuple, list] = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and not node.input[1].startswith("head_t") and all(i in inits for i in node.input[1:]):
+            groups.setdefault((node.input[0], len(node.input), attrs(node)), []).append(node)
+    merged, replace = 0, {}
+    for (x, _, _), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        name = f"{nodes[0].name}_fused"
+        n_of = [helper.get_attribute_value(next(a for a in n.attribute if a.name == "N")) for n in nodes]
+        stacked = []
+        for slot in range(1, len(nodes[0].input)):
+            parts = [numpy_helper.to_array(inits[n.input[slot]]) for n in nodes]
+            if parts[0].ndim == 1:  # zero points, flat: [N * blocks] per node
+                parts = [p.reshape(k, -1) for p, k in zip(parts, n_of)]
+            t = np.concatenate(parts, 0)
+            stacked.append(f"{name}_{slot}")
+            graph.initializer.append(numpy_helper.from_array(t.reshape(-1) if slot == 3 else t, stacked[-1]))
+        extra = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute if a.name != "N"}
+        fused = helper.make_node("MatMulNBits", [x, *stacked], [f"{name}_out"], name=name, domain="com.microsoft",
+                                 N=sum(n_of), **extra)
+        graph.initializer.append(numpy_helper.from_array(np.array(n_of, np.int64), f"{name}_split"))
+        split = helper.make_node("Split", [f"{name}_out", f"{name}_split"], [n.output[0] for n in nodes],
+                                 name=f"{name}_split", axis=-1)
+        replace[id(nodes[0])] = [fused, split]
+        replace.update({id(n): [] for n in nodes[1:]})
+        merged += len(nodes) - 1
+    nodes = [new for n in graph.node for new in replace.get(id(n), [n])]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+    return merged
 
 
 def _round_per_channel(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
