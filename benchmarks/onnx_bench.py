@@ -252,6 +252,10 @@ def main() -> None:
         print(f"parity: {json.dumps(results['parity'], indent=1)[:2000]}", file=sys.stderr)
     if "speed" in args.parts:  # the eager baseline always runs, so ratios come from one run
         sources = [("eager", "eager")] + [(f"onnx {q}", str(work / f"270m-{q}")) for q in wanted(("fp32", "int4b32", "gguf"))]
+        if wanted(("int4b32",)):  # the same graph with fp32 compute in its MatMulNBits (the default before issue 9)
+            from onnx_profile import with_accuracy_level
+
+            sources.append(("onnx int4b32 accuracy_level 0", with_accuracy_level(str(work / "270m-int4b32"), 0)))
         results["speed"] = {name: speed(src, args.threads, args.repeats) for name, src in sources}
         print(f"speed: {results['speed']}", file=sys.stderr)
     if "binding" in args.parts:

@@ -122,7 +122,7 @@ def with_accuracy_level(bundle: str, level: int) -> str:
 
     b = read_bundle(bundle)
     out = ROOT / f"bundles/compare/{Path(bundle).name}-accuracy{level}"
-    if not (out / "manifest.json").exists():
+    if not (out / "manifest.json").exists() or (out / "manifest.json").read_bytes() != (b.path / "manifest.json").read_bytes():
         out.mkdir(parents=True, exist_ok=True)
         model = onnx.load(str(b.artifact))
         for node in model.graph.node:
