@@ -13,11 +13,13 @@ Schemes (quant.py):
 - fp16: fp16 weights and matmuls, fp32 norms, residual stream, softmax and mask; fp16 cache. Linear
   inputs are clamped to the fp16 range (Gemma's activations pass 65,504, GEMMA3.md).
 - int8 / int4 / int4b32: onnxruntime.quantization's MatMulNBits (symmetric; per channel = one block
-  spanning K). The head is exported as a separate pre-transposed MatMul so the quantizer sees a
+  spanning K), computing with int8 inputs (accuracy_level 4, ACCURACY_LEVEL below). The head is exported as a separate pre-transposed MatMul so the quantizer sees a
   constant weight (STACK.md); the embedding then gathers from that same packed table through
   GatherBlockQuantized: the tied weight is stored once, quantized.
 - fp8: float8e4m3fn initializers with per-output-channel scales through DequantizeLinear; the
   embedding gathers columns of the head's fp8 table.
+Every scheme: each RMSNorm is one SimplifiedLayerNormalization; MatMulNBits that share an input
+(q/k/v, gate/up) are stacked into one node and a Split.
 `simulate(model, scheme)` gives the eager model on exactly the artifact's grid, for validate.
 """
 
