@@ -379,77 +379,19 @@ def _torch_export(model: nn.Module, spec, scheme: str):
         if value.name in ("tokens", "image_embeds") and spec.chunk > 1:
             value.type.tensor_type.shape.dim[1].dim_param = "T"
     _name_nodes(proto.graph)
-    _fuse_rms_norms(proto.graph)
+    _fuse_rms_norms(proto)
     return proto
 
 
-def _fuse_rms_norms(graph) -> int:
+def _fuse_rms_norms(proto) -> None:
     """Each RMSNorm as torch.onnx spells it (Pow, ReduceMean, Add eps, Sqrt, Reciprocal, Mul x, Mul by
-    the constant 1 + w) -> one SimplifiedLayerNormalization (onnxruntime's fused kernel; its optimizer
-    then fuses the residual Add before it too). Chains that differ (fp16's Casts) stay as they are.
-    Returns how many were fused."""
-    from onnx import helper, numpy_helper
+    the constant 1 + w) -> one SimplifiedLayerNormalization, in place, by onnxruntime.transformers' own
+    fusion (onnxruntime's session optimizer matches only the Div spelling)."""
+    from onnxruntime.transformers.fusion_simplified_layernorm import FusionSimplifiedLayerNormalization
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    inits = _initializers(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-
-    def const(name: str) -> np.ndarray | None:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t)
-        if node is not None and node.op_type == "Add" and all(const(i) is not None for i in node.input):
-            return const(node.input[0]) + const(node.input[1])  # 1 + w, if the exporter left it unfolded
-        return None
-
-    def op(name: str, op_type: str):
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op_type else None
-
-    fused, drop, add = 0, set(), []
-    for recip in [n for n in graph.node if n.op_type == "Reciprocal"]:
-        sqrt = op(recip.input[0], "Sqrt")
-        add_eps = sqrt and op(sqrt.input[0], "Add")
-        mean = add_eps and op(add_eps.input[0], "ReduceMean")
-        power = mean and op(mean.input[0], "Pow")
-        users = consumers.get(recip.output[0], [])
-        if not (power and len(users) == 1 and users[0].op_type == "Mul"):
-            continue
-        x, normed = power.input[0], users[0]
-        scaled = consumers.get(normed.output[0], [])
-        eps, two = const(add_eps.input[1]), const(power.input[1])
-        axes = const(mean.input[1]) if len(mean.input) > 1 else None
-        if not (set(normed.input) == {x, recip.output[0]} and len(scaled) == 1 and scaled[0].op_type == "Mul"
-                and eps is not None and eps.size == 1 and two is not None and float(two) == 2.0
-                and axes is not None and axes.tolist() == [-1]):
-            continue
-        scale_name = next(i for i in scaled[0].input if i != normed.output[0])
-        scale = const(scale_name)
-        if scale is None or scale.ndim != 1:
-            continue
-        name = f"{power.name}_rms"
-        inits[f"{name}_scale"] = numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")
-        graph.initializer.append(inits[f"{name}_scale"])
-        add.append((power, helper.make_node("SimplifiedLayerNormalization", [x, f"{name}_scale"], list(scaled[0].output),
-                                            name=name, axis=-1, epsilon=float(eps), stash_type=1)))
-        drop.update(id(n) for n in (power, mean, add_eps, sqrt, recip, normed, scaled[0]))
-        fused += 1
-    first = {id(anchor): node for anchor, node in add}
-    nodes = []
-    for n in graph.node:
-        if id(n) in first:
-            nodes.append(first[id(n)])
-        if id(n) not in drop:
-            nodes.append(n)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
-    return fused
+    with _quiet():
+        FusionSimplifiedLayerNormalization(OnnxModel(proto)).apply()
 
 
 def _shape(model: nn.Module, cache: BoundaryCache) -> tuple[int, ...]:
