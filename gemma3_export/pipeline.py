@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .bundle import Bundle, cache_layout, read_bundle, staged, write_manifest
 from .config import VisionConfig, preset, vision_preset
@@ -73,6 +73,11 @@ class ExportSpec:
     grid: QuantGrid | dict | None = None
     # --vision: the bundle also holds the image encoder, and the decoder takes image_embeds
     vision: VisionConfig | None = None
+    # --max-size (bytes): the least used rows of the tied table are rounded to int4 until the artifact
+    # fits; `table_order` ranks the rows (vocab_rows.row_order, most used first), `table_ranking` says how
+    max_size: int | None = None
+    table_order: Any = None
+    table_ranking: str | None = None
 
 
 # Targets that export the vision encoder (a second artifact, `export_vision` in the exporter) so far.
@@ -85,7 +90,7 @@ def _vision_exporter(target: str):
 
 
 def make_spec(model: str, target: str, quant: str | None, context: int | None, chunk: int | None,
-              vision: bool = False) -> ExportSpec:
+              vision: bool = False, max_size: str | int | None = None) -> ExportSpec:
     """Check the request against the preset and the target's table before any work starts."""
     if target not in EXPORTERS:
         raise UserError(f"Unknown target {target!r}; choose one of {', '.join(EXPORTERS)}.")
@@ -113,7 +118,26 @@ def make_spec(model: str, target: str, quant: str | None, context: int | None, c
             f"--chunk must be between 1 and {min(config.sliding_window, context)} "
             f"(the sliding window {config.sliding_window} and the context {context})."
         )
-    return ExportSpec(context=context, chunk=chunk, scheme=scheme, vision=vision_config)
+    budget = parse_size(max_size) if max_size is not None else None
+    if budget is not None and (target, scheme.name) not in MAX_SIZE_SCHEMES:
+        raise UserError(f"--max-size rounds table rows of {' and '.join(f'--target {t} --quant {q}' for t, q in MAX_SIZE_SCHEMES)} "
+                        f"exports so far, not --target {target} --quant {scheme.name}.")
+    return ExportSpec(context=context, chunk=chunk, scheme=scheme, vision=vision_config, max_size=budget)
+
+
+# Where `--max-size` applies: the exports whose tied table it can split by rows (exporters/onnx.py::split_table).
+MAX_SIZE_SCHEMES = (("onnx", "gguf"),)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_size(text: str | int) -> int:
+    """'260MB', '260 MB', '0.26GB', '260' (megabytes) -> bytes; decimal units, as the docs report sizes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?b)?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--max-size takes a size such as 260MB or 0.25GB, not {text!r}.")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or "mb"])
 
 
 def grid_spec(spec: ExportSpec, target: str, quant: str | None, grid: QuantGrid) -> ExportSpec:
@@ -145,12 +169,20 @@ def export(
     out: str | Path | None = None,
     validate: bool = True,
     vision: bool = False,
+    max_size: str | int | None = None,
+    data: list[str] | None = None,
     log=print,
 ) -> Path:
-    """Write one bundle folder for `target` and return its path (`vision`: with the image encoder)."""
+    """Write one bundle folder for `target` and return its path (`vision`: with the image encoder).
+    `max_size` ('260MB'): round the least used table rows to int4 until the artifact fits, ranked on
+    `data` (text or JSONL files) or, without it, on text sampled from the float model."""
     from .load import load_model, load_vision
+    from .qat_data import read_texts
 
-    spec = make_spec(model, target, quant, context, chunk, vision)
+    spec = make_spec(model, target, quant, context, chunk, vision, max_size)
+    if data and spec.max_size is None:
+        raise UserError("--data ranks the table rows for --max-size; give --max-size too.")
+    texts = read_texts(data) if data else None  # bad data stops us before the model loads
     exporter = _resolve(EXPORTERS, target)
     loaded = load_model(model, checkpoint=checkpoint, random_weights=random_weights, log=log)
     encoder = None
@@ -163,6 +195,8 @@ def export(
     elif spec.scheme.name == "gguf":
         spec = replace(spec, grid=gguf_grid(loaded))
     out = Path(out or f"bundles/gemma3-{model}-{target}-{spec.scheme.name}")  # the scheme a grid chose
+    if spec.max_size is not None:
+        spec = replace(spec, **_rank_table(loaded, model, data, texts, out.parent / "calibration", log))
     config = loaded.model.config
     with staged(out) as folder:
         log(f"exporting {model} to {target} ({spec.scheme.name}, context {spec.context}, chunk {spec.chunk})")
@@ -231,6 +265,31 @@ def gguf_grid(loaded) -> dict:
         raise UserError("--quant gguf keeps a GGUF's own blocks; load the weights from one "
                         "(--model 270m, or --checkpoint FILE.gguf).")
     return read_gguf_grid(loaded.gguf_path)
+
+
+def _rank_table(loaded, model: str, data, texts, cache_dir: Path, log) -> dict:
+    """The table's rows, most used first (vocab_rows), on the user's text or on text sampled from the
+    float model (cached in `cache_dir`): `table_order` and `table_ranking` of the spec."""
+    from .qat_data import self_generated
+    from .vocab_rows import importance, row_order
+
+    if texts:
+        stream = [i for t in texts for i in loaded.tokenizer.encode(t, bos=True)][: CALIBRATION_MAX_TOKENS]
+        tokens = [stream[i : i + CALIBRATION_SEQ_LEN] for i in range(0, len(stream), CALIBRATION_SEQ_LEN)]
+        how = f"{len(stream)} tokens of {', '.join(map(str, data))}"
+    else:
+        sampled, _ = self_generated(loaded.model, loaded.tokenizer, CALIBRATION_SEQUENCES, CALIBRATION_SEQ_LEN, 0,
+                                    cache_dir, f"{model}: {loaded.source}", log=log)
+        tokens = sampled.tolist()
+        how = f"{sampled.numel()} tokens sampled from the float model (seed 0)"
+    log(f"ranking the table's rows on {how}")
+    scores = importance(loaded.model, tokens, log=log)
+    return {"table_order": row_order(loaded.tokenizer, scores), "table_ranking": how}
+
+
+# Calibration text for `--max-size`'s ranking (benchmarks/gguf_vocab_split.py measured 16 x 96).
+CALIBRATION_SEQUENCES, CALIBRATION_SEQ_LEN = 16, 96
+CALIBRATION_MAX_TOKENS = 8192  # of the user's --data (teacher-forced: one forward per 96 tokens)
 
 
 def _grid_note(grid: QuantGrid, imported: str) -> dict:

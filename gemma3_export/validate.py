@@ -67,7 +67,13 @@ def _simulate_options(bundle: Bundle) -> dict:
     (bundles written before it was recorded ran at level 0)."""
     if bundle.target != "onnx":
         return {}
-    return {"accuracy_level": bundle.manifest.get("target_info", {}).get("accuracy_level") or 0}
+    info = bundle.manifest.get("target_info", {})
+    options = {"accuracy_level": info.get("accuracy_level") or 0}
+    if "table_split" in info:  # --max-size: these table rows were rounded to int4
+        from .exporters.onnx import int4_rows_of
+
+        options["int4_rows"] = int4_rows_of(info["table_split"])
+    return options
 
 
 def validation_ids(tokenizer, length: int) -> list[int]:
@@ -185,7 +191,7 @@ def reference_model(model: torch.nn.Module, bundle: Bundle, grid=None) -> tuple[
     if "grid" in bundle.manifest["quant"]:
         return simulate(copy.deepcopy(model), scheme, grid=grid, **options), f"eager {scheme} (QAT grid)"
     if scheme == "gguf":
-        return simulate(copy.deepcopy(model), scheme, grid=grid), "eager gguf"
+        return simulate(copy.deepcopy(model), scheme, grid=grid, **options), "eager gguf"
     return simulate(copy.deepcopy(model), scheme, **options), f"eager {scheme}"
 
 

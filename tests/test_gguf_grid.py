@@ -138,3 +138,126 @@ def test_gguf_needs_a_gguf_source(tmp_path, capsys):
     assert main(["--model", "tiny", "--target", "executorch", "--quant", "gguf", "--out", str(tmp_path / "x")]) == 2
     assert "MatMulNBits only so far" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# -- --max-size: the least used rows of the tied table rounded to int4 (exporters/onnx.py::split_table) --
+
+
+@pytest.fixture(scope="module")
+def full_and_split(gguf_file, tmp_path_factory):
+    """The gguf export as it is, and with --max-size 30 KB under it, ranked on a short text."""
+    tmp = tmp_path_factory.mktemp("split")
+    kw = dict(model="tiny", target="onnx", quant="gguf", checkpoint=str(gguf_file), context=64, chunk=8,
+              validate=False, log=lambda *_: None)
+    full = pipeline.export(**kw, out=tmp / "full")
+    text = tmp / "text.txt"
+    text.write_text("The cat sat on the mat. A dog ran to the park and back again. " * 20)
+    budget = (full / "model.onnx").stat().st_size - 30_000
+    split = pipeline.export(**kw, out=tmp / "split", max_size=f"{budget}B", data=[str(text)])
+    return full, split, budget, text
+
+
+def _head_tables(path) -> dict[str, np.ndarray]:
+    """The head's MatMulNBits weights by table name, dequantized [N, K]."""
+    proto = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits" and node.input[1].startswith("head_t"):
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            n, k, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
+            packed = inits[node.input[1]].reshape(n, -1)
+            u = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1) if bits == 4 else packed
+            q = u.astype(np.float32).reshape(n, k // block, block) - 2 ** (bits - 1)
+            out[node.input[1]] = (q * inits[node.input[2]].reshape(n, -1, 1)).reshape(n, k)
+    return out, inits
+
+
+def test_max_size_rounds_the_least_used_table_rows(gguf_file, full_and_split):
+    from gemma3_export.exporters.onnx import TABLE_SLOT, fake_nbits, int4_rows_of
+    from gemma3_export.vocab_rows import importance, row_order
+
+    full, split, budget, text = full_and_split
+    assert (split / "model.onnx").stat().st_size <= budget
+    target_info = json.loads((split / "manifest.json").read_text())["target_info"]
+    info = target_info["table_split"]
+    assert target_info["tensors"]["model.embed_tokens.weight"] == (
+        f"Q8_0 -> int8 block 32 (bit for bit); its {info['int4_rows']} least used of 512 rows re-quantized to "
+        "int4 block 32 (--max-size)")
+    rows = int4_rows_of(info)
+    assert len(rows) == info["int4_rows"] and 0 < len(rows) < info["rows"] == 512
+    # the rows are the least used by the ranking --max-size documents, on the same text
+    loaded = load_model("tiny", checkpoint=str(gguf_file), log=lambda *_: None)
+    ids = loaded.tokenizer.encode(text.read_text(), bos=True)
+    order = row_order(loaded.tokenizer, importance(loaded.model, [ids[i:i + 96] for i in range(0, len(ids), 96)]))
+    assert set(rows) == set(order[512 - len(rows):].tolist())
+    assert not set(rows) & set(ids)  # no token of the text lost its 8-bit row
+    # kept rows: the GGUF's Q8_0 blocks bit for bit; int4 rows: those values rounded once, blocks of 32
+    q8 = read_gguf_grid(gguf_file)["model.embed_tokens.weight"].dequantize()
+    tables, inits = _head_tables(split / "model.onnx")
+    kept = np.setdiff1d(np.arange(512), rows)
+    assert np.array_equal(tables["head_t_rows8_Q8"], q8[kept])
+    assert np.array_equal(tables["head_t_rows4_Q4"], fake_nbits(torch.from_numpy(q8[rows]), 4, 32).numpy())
+    slot = inits[TABLE_SLOT]
+    assert np.array_equal(np.concatenate([kept, rows])[slot], np.arange(512))  # back to vocabulary order
+    # without --max-size: one head table, the Q8_0 blocks for every row
+    (whole,) = _head_tables(full / "model.onnx")[0].values()
+    assert np.array_equal(whole, q8)
+
+
+def test_a_split_table_bundle_runs_as_its_simulation(full_and_split):
+    """Validate's reference rounds the same rows: the artifact agrees with it far better than with the
+    unsplit gguf reference (this random model's table is where its logits come from)."""
+    full, split, _, _ = full_and_split
+    summary = validate_bundle(split, log=lambda *_: None)
+    assert summary["reference"] == "eager gguf" and summary["passed"], summary
+    ref = summary["vs_reference"]
+    assert ref["top1"] >= 0.97 and ref["kl"] <= 2e-3, ref
+    # the same artifact judged against the unsplit reference: the int4 rows show
+    manifest = json.loads((split / "manifest.json").read_text())
+    manifest["target_info"].pop("table_split")
+    unsplit = split.parent / "split-as-if-unsplit"
+    import shutil
+    shutil.copytree(split, unsplit)
+    (unsplit / "manifest.json").write_text(json.dumps(manifest))
+    other = validate_bundle(unsplit, log=lambda *_: None)["vs_reference"]
+    assert other["mean_abs"] > 3 * ref["mean_abs"], (other, ref)
+
+
+def test_max_size_mistakes_end_in_one_sentence(gguf_file, tmp_path, capsys):
+    base = ["--model", "tiny", "--target", "onnx", "--quant", "gguf", "--checkpoint", str(gguf_file),
+            "--context", "64", "--chunk", "8", "--out", str(tmp_path / "x"), "--no-validate"]
+    cases = {
+        ("--max-size", "0.5MB"): "is below the smallest this export reaches",
+        ("--max-size", "lots"): "--max-size takes a size such as 260MB",
+        ("--data", str(tmp_path / "missing.txt"), "--max-size", "1GB"): "No data file at",
+        ("--data", str(gguf_file)): "--data ranks the table rows for --max-size; give --max-size too.",
+    }
+    for extra, message in cases.items():
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert main(["--model", "tiny", "--target", "onnx", "--quant", "int4b32", "--max-size", "1MB",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--max-size rounds table rows of --target onnx --quant gguf exports so far" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_tokenizer_order_puts_the_conversation_first_and_unused_pieces_last():
+    from gemma3_export.tokenizer import END_OF_TURN, START_OF_TURN
+    from gemma3_export.vocab_rows import prior_order, row_order
+
+    tok = tiny_tokenizer(512)
+    order = prior_order(tok).tolist()
+    assert sorted(order) == list(range(512))
+    rank = {i: r for r, i in enumerate(order)}
+    conversation = [tok.bos_id, tok.eos_id, tok.pad_id, tok.id_of(START_OF_TURN), tok.id_of(END_OF_TURN)]
+    unused = [i for i in range(512) if tok.sp.is_unused(i) or (tok.sp.is_control(i) and i not in conversation)]
+    assert unused and max(rank[i] for i in conversation) < min(rank[i] for i in unused)
+    assert set(order[-len(unused):]) == set(unused)
+    # scores rank first, the tokenizer's order breaks ties; rows past the tokenizer (image rows) come last
+    scores = np.zeros(520)
+    scores[[7, 515]] = [2.0, 1.0]
+    ranked = row_order(tok, scores).tolist()
+    assert ranked[:2] == [7, 515] and ranked[2:7] == [i for i in order if i != 7][:5]
+    assert ranked[-7:] == [512, 513, 514, 516, 517, 518, 519]

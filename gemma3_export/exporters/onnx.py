@@ -18,6 +18,9 @@ Schemes (quant.py):
   GatherBlockQuantized: the tied weight is stored once, quantized.
 - fp8: float8e4m3fn initializers with per-output-channel scales through DequantizeLinear; the
   embedding gathers columns of the head's fp8 table.
+- gguf: each weight's own GGUF blocks (gguf_grid.py); with `--max-size` the least used rows of the
+  tied table are rounded again to int4 (`split_table`): two head tables, the embedding gathers from
+  the one that holds each token.
 Every scheme: each RMSNorm is one SimplifiedLayerNormalization; MatMulNBits that share an input
 (q/k/v, gate/up) are stacked into one node and a Split.
 `simulate(model, scheme)` gives the eager model on exactly the artifact's grid, for validate.
@@ -25,6 +28,7 @@ Every scheme: each RMSNorm is one SimplifiedLayerNormalization; MatMulNBits that
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import hashlib
@@ -250,11 +254,28 @@ def fake_fp8(w: Tensor) -> Tensor:
     return (codes.float() * scale[:, None]).to(w.dtype)
 
 
-def simulate(model: nn.Module, scheme: str, grid=None, accuracy_level: int = ACCURACY_LEVEL) -> nn.Module:
+class SplitHead(nn.Module):
+    """The tied head of a table split by rows (`split_table`): the int4 rows see the input quantized per
+    block of SPLIT_BLOCK, the kept rows per their own block, as their two MatMulNBits quantize it."""
+
+    def __init__(self, weight: nn.Parameter, int4_rows: Tensor, kept_block: int):
+        super().__init__()
+        self.weight, self.kept_block = weight, kept_block
+        self.register_buffer("int4_rows", int4_rows, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(fake_int8_blocks(x, self.kept_block), self.weight)
+        out[..., self.int4_rows] = F.linear(fake_int8_blocks(x, SPLIT_BLOCK), self.weight[self.int4_rows])
+        return out
+
+
+def simulate(model: nn.Module, scheme: str, grid=None, accuracy_level: int = ACCURACY_LEVEL,
+             int4_rows: np.ndarray | None = None) -> nn.Module:
     """A copy of the eager model on the artifact's grid: weights quantized and dequantized exactly as
     the ONNX export stores them (fp16: the same fp16 modules). A QAT checkpoint's weights already lie
     on the grid the export imports: they stay as they are. MatMulNBits schemes at `accuracy_level` 4
-    also quantize each linear's input as onnxruntime does (`fake_int8_blocks`, per weight block)."""
+    also quantize each linear's input as onnxruntime does (`fake_int8_blocks`, per weight block).
+    `int4_rows` (gguf, `--max-size`): those rows of the tied table rounded again to int4 (`split_table`)."""
     sim = copy.deepcopy(model)
     if scheme == "gguf":  # the GGUF's blocks as stored; what has no MatMulNBits form is rounded to int8
         with torch.no_grad():
@@ -266,6 +287,10 @@ def simulate(model: nn.Module, scheme: str, grid=None, accuracy_level: int = ACC
                 elif param.dim() == 2:  # the stored grid (Q4_K's offsets rounded to its 8-bit step)
                     param.copy_(torch.from_numpy(grid[name].dequantize()))
                     blocks[name] = grid[name].block
+            if int4_rows is not None and len(int4_rows):
+                table, rows = sim.model.embed_tokens.weight, torch.as_tensor(np.asarray(int4_rows), dtype=torch.long)
+                table[rows] = fake_nbits(table[rows], 4, SPLIT_BLOCK)
+                sim.lm_head = SplitHead(table, rows, blocks["model.embed_tokens.weight"])
         for name, module in sim.named_modules():
             if isinstance(module, nn.Linear):
                 key = "model.embed_tokens.weight" if module.weight is sim.model.embed_tokens.weight else f"{name}.weight"
@@ -317,9 +342,11 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
     elif spec.grid is not None:
         codes = grid_codes(model, spec.grid)
         pack = (lambda w: _signed(NBITS[scheme][0], *codes(w))) if scheme in NBITS else None  # noqa: E731
+    split: dict = {}
+    table_rows = _rows_within(spec.max_size, spec.table_order, split, log) if spec.max_size else None
     if scheme in MATMUL_NBITS:
         start = time.perf_counter()
-        proto = quantize_nbits(proto, scheme, accuracy_level, pack)
+        proto = quantize_nbits(proto, scheme, accuracy_level, pack, table_rows)
         how = " (the GGUF's blocks, as they are)" if scheme == "gguf" else " (the QAT grid, as it is)" if pack else ""
         log(f"  MatMulNBits {scheme}{how}: {time.perf_counter() - start:.1f} s")
     elif scheme == "fp8":
@@ -329,6 +356,16 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
     external = weight_bytes > EXTERNAL_DATA_BYTES
     onnx.save_model(proto, folder / ARTIFACT, save_as_external_data=external, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA, size_threshold=1024)
+    size = sum(f.stat().st_size for f in (folder / ARTIFACT, folder / EXTERNAL_DATA) if f.exists())
+    if spec.max_size and size > spec.max_size:
+        raise RuntimeError(f"the artifact is {size} bytes, over --max-size {spec.max_size}: the estimate is wrong")
+    if split:
+        split["ranking"] = spec.table_ranking
+        embed = "model.embed_tokens.weight"
+        if tensors and embed in tensors:
+            tensors[embed] += (f"; its {split['int4_rows']} least used of {split['rows']} rows re-quantized to int4 "
+                               f"block {SPLIT_BLOCK} (--max-size)")
+        log(f"  artifact {size / 1e6:.1f} MB (--max-size {spec.max_size / 1e6:g} MB)")
     inputs, outputs = _describe(proto)
     cache_dtype = "float16" if scheme == "fp16" else "float32"
     return {
@@ -347,6 +384,7 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
             "cache_io": "k_cache_{i}/v_cache_{i} in, k_cache_out_{i}/v_cache_out_{i} out, same shapes",
             "layers": config.num_hidden_layers,
             **({"tensors": tensors} if tensors else {}),
+            **({"table_split": split} if split else {}),
         },
     }
 
@@ -477,12 +515,14 @@ def _drop_unused_initializers(graph) -> None:
             del graph.initializer[i]
 
 
-def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None, pack: Callable | None = None):
+def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None, pack: Callable | None = None,
+                   table_rows: Callable | None = None):
     """Every constant MatMul -> MatMulNBits, then the embedding Gather -> GatherBlockQuantized over the
     head's packed table. Blocks of 32: onnxruntime.quantization's MatMulNBitsQuantizer. Per channel:
     its quantizer takes blocks of at most 256, so the per-channel codes are packed here into the same
     MatMulNBits layout, in blocks of 128 that repeat the channel's scale. `pack(w)` (a QAT grid or a
-    GGUF's blocks) gives each weight's codes and scales instead of rounding."""
+    GGUF's blocks) gives each weight's codes and scales instead of rounding. `table_rows(graph)`, given
+    the packed graph, names the head table's rows to round to int4 (`split_table`), if any."""
     import onnx
 
     bits, block = NBITS.get(scheme, (None, None))
@@ -500,6 +540,9 @@ def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None, pack: 
         _pack_nbits(proto.graph, accuracy_level, lambda w: _signed(bits, *_round_per_channel(w, bits)))
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    rows = table_rows(proto.graph) if table_rows is not None else None
+    if rows is not None and len(rows):
+        split_table(proto.graph, rows)
     _share_embedding_nbits(proto.graph)
     _fuse_sibling_nbits(proto.graph)
     return proto
@@ -670,33 +713,178 @@ def _share_embedding_nbits(graph) -> None:
     """Gather rows of the head's MatMulNBits table: B [V, k_blocks, blob] uint8 is exactly the
     embedding [V, H] quantized per row in blocks along H. The scales too are the head's, reshaped in
     the graph to the [V, k_blocks, 1] GatherBlockQuantized takes (MatMulNBits refuses that shape): a
-    stored copy would add 4 bytes per block (21 MB on the 270M in blocks of 32)."""
+    stored copy would add 4 bytes per block (21 MB on the 270M in blocks of 32). A head split by rows
+    (`split_table`) has two tables: each token gathers from the one that holds its row."""
     from onnx import helper, numpy_helper
 
-    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
-    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-    hidden, block, bits = attrs["K"], attrs["block_size"], attrs["bits"]
-    inits = _initializers(graph)
-    k_blocks = inits[head.input[1]].dims[1]
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t")]
     gather = _embedding_gather(graph)
-    name, out = gather.name, gather.output[0]
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array([-1, k_blocks, 1], np.int64), "embed_scales_shape"),
-        numpy_helper.from_array(np.array([1, -1, k_blocks * block], np.int64), "embed_flat_shape"),
-        numpy_helper.from_array(np.array([0], np.int64), "embed_start"),
-        numpy_helper.from_array(np.array([hidden], np.int64), "embed_stop"),
-        numpy_helper.from_array(np.array([2], np.int64), "embed_axis"),
-    ])
-    nodes = [
-        helper.make_node("Reshape", [head.input[2], "embed_scales_shape"], ["embed_scales"], name=f"{name}_scales"),
-        helper.make_node("GatherBlockQuantized", [head.input[1], gather.input[1], "embed_scales"], [f"{name}_q"],
-                         name=f"{name}_q", domain="com.microsoft", gather_axis=0, quantize_axis=2,
-                         block_size=block, bits=bits),  # [1, T, kb, block]
-        helper.make_node("Reshape", [f"{name}_q", "embed_flat_shape"], [f"{name}_flat"], name=f"{name}_flat"),
-        helper.make_node("Slice", [f"{name}_flat", "embed_start", "embed_stop", "embed_axis"], [out], name=f"{name}_slice"),
-    ]
+    name, ids, out = gather.name, gather.input[1], gather.output[0]
+    if len(heads) == 1:
+        nodes = _gather_rows(graph, heads[0], ids, out, f"{name}")
+    else:  # split_table: head_t_rows8 then head_t_rows4; TABLE_SLOT maps a token to its slot in that order
+        n8 = _attrs(heads[0])["N"]
+        graph.initializer.extend([numpy_helper.from_array(np.array(n8, np.int64), "embed_n8"),
+                                  numpy_helper.from_array(np.array(n8 - 1, np.int64), "embed_last8"),
+                                  numpy_helper.from_array(np.array(0, np.int64), "embed_zero"),
+                                  numpy_helper.from_array(np.array([-1], np.int64), "embed_last_axis")])
+        nodes = [
+            helper.make_node("Gather", [TABLE_SLOT, ids], [f"{name}_slot32"], name=f"{name}_slot", axis=0),
+            helper.make_node("Cast", [f"{name}_slot32"], [f"{name}_slot"], name=f"{name}_slot_cast", to=7),
+            helper.make_node("Less", [f"{name}_slot", "embed_n8"], [f"{name}_in8"], name=f"{name}_in8"),
+            helper.make_node("Min", [f"{name}_slot", "embed_last8"], [f"{name}_ids8"], name=f"{name}_ids8"),
+            helper.make_node("Sub", [f"{name}_slot", "embed_n8"], [f"{name}_off4"], name=f"{name}_off4"),
+            helper.make_node("Max", [f"{name}_off4", "embed_zero"], [f"{name}_ids4"], name=f"{name}_ids4"),
+            *_gather_rows(graph, heads[0], f"{name}_ids8", f"{name}_rows8", f"{name}8"),
+            *_gather_rows(graph, heads[1], f"{name}_ids4", f"{name}_rows4", f"{name}4"),
+            helper.make_node("Unsqueeze", [f"{name}_in8", "embed_last_axis"], [f"{name}_in8_h"], name=f"{name}_in8_h"),
+            helper.make_node("Where", [f"{name}_in8_h", f"{name}_rows8", f"{name}_rows4"], [out], name=f"{name}_pick"),
+        ]
     _replace_node(graph, gather, nodes)
     _drop_unused_initializers(graph)
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _gather_rows(graph, head, ids: str, out: str, name: str) -> list:
+    """Nodes that gather rows `ids` of MatMulNBits `head`'s table (no zero points) into float `out` [1, T, K]."""
+    from onnx import helper, numpy_helper
+
+    attrs = _attrs(head)
+    hidden, block, bits = attrs["K"], attrs["block_size"], attrs["bits"]
+    k_blocks = _initializers(graph)[head.input[1]].dims[1]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([-1, k_blocks, 1], np.int64), f"{name}_scales_shape"),
+        numpy_helper.from_array(np.array([1, -1, k_blocks * block], np.int64), f"{name}_flat_shape"),
+        numpy_helper.from_array(np.array([0], np.int64), f"{name}_start"),
+        numpy_helper.from_array(np.array([hidden], np.int64), f"{name}_stop"),
+        numpy_helper.from_array(np.array([2], np.int64), f"{name}_axis"),
+    ])
+    return [
+        helper.make_node("Reshape", [head.input[2], f"{name}_scales_shape"], [f"{name}_scales"], name=f"{name}_scales"),
+        helper.make_node("GatherBlockQuantized", [head.input[1], ids, f"{name}_scales"], [f"{name}_q"],
+                         name=f"{name}_q", domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                         block_size=block, bits=bits),  # [1, T, kb, block]
+        helper.make_node("Reshape", [f"{name}_q", f"{name}_flat_shape"], [f"{name}_flat"], name=f"{name}_flat"),
+        helper.make_node("Slice", [f"{name}_flat", f"{name}_start", f"{name}_stop", f"{name}_axis"], [out],
+                         name=f"{name}_slice"),
+    ]
+
+
+# -- the table split by rows (`--max-size`, issue 10) ---------------------------------------------
+
+TABLE_SLOT = "table_slot"  # int32 [V]: a token's row in the split head's (rows8, rows4) order
+SPLIT_BLOCK = 32  # the int4 rows' block along K
+
+
+def split_row_bytes(head_bits: int, head_block: int, hidden: int, zero_points: bool) -> tuple[int, int]:
+    """Bytes of one table row as the head stores it, and as an int4 row in blocks of SPLIT_BLOCK."""
+    kept = hidden * head_bits // 8 + hidden // head_block * (4 + zero_points)
+    return kept, hidden // 2 + hidden // SPLIT_BLOCK * 4
+
+
+def split_table(graph, int4_rows: np.ndarray) -> None:
+    """The head's table split by rows: the rows `int4_rows` (token ids) rounded to int4 (symmetric,
+    blocks of SPLIT_BLOCK) from the values the head holds, the others kept as they are. Two MatMulNBits
+    over the two row sets, a Concat and a Gather (TABLE_SLOT) back to vocabulary order; the embedding
+    (`_share_embedding_nbits`, called after this) gathers each token from the table that holds it."""
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(graph)
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
+    attrs = _attrs(head)
+    vocab, hidden, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
+    if bits != 8:
+        raise RuntimeError("split_table keeps an 8-bit head table")
+    u = numpy_helper.to_array(inits[head.input[1]]).reshape(vocab, hidden)
+    scales = numpy_helper.to_array(inits[head.input[2]]).reshape(vocab, -1)
+    zp = numpy_helper.to_array(inits[head.input[3]]).reshape(vocab, -1) if len(head.input) > 3 else None
+    mask = np.zeros(vocab, bool)
+    mask[int4_rows] = True
+    rows8, rows4 = np.flatnonzero(~mask), np.flatnonzero(mask)
+    slot = np.empty(vocab, np.int32)
+    slot[np.concatenate([rows8, rows4])] = np.arange(vocab, dtype=np.int32)
+    w4 = _dequantize_rows(u[rows4], scales[rows4], None if zp is None else zp[rows4], block)
+    codes, s4 = nbits_codes(torch.from_numpy(w4), 4, SPLIT_BLOCK)
+    q4 = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(len(rows4), hidden).numpy()
+    q4 = q4[:, 0::2] | (q4[:, 1::2] << 4)
+    nb8, nb4 = hidden // block, hidden // SPLIT_BLOCK
+    tables = {
+        "head_t_rows8": (u[rows8].reshape(len(rows8), nb8, block), scales[rows8], None if zp is None else zp[rows8], 8, block),
+        "head_t_rows4": (q4.reshape(len(rows4), nb4, SPLIT_BLOCK // 2), s4.reshape(len(rows4), nb4).numpy(), None, 4, SPLIT_BLOCK),
+    }
+    out = head.output[0]
+    nodes = []
+    for name, (b, s, z, b_bits, b_block) in tables.items():
+        names = [f"{name}_Q{b_bits}", f"{name}_scales"]
+        graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(b), names[0]),
+                                  numpy_helper.from_array(np.ascontiguousarray(s, np.float32), names[1])])
+        if z is not None:
+            names.append(f"{name}_zero_points")
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(z).reshape(-1), names[2]))
+        extra = {k: v for k, v in attrs.items() if k not in ("N", "bits", "block_size")}
+        nodes.append(helper.make_node("MatMulNBits", [head.input[0], *names], [f"{out}_{name}"], name=f"{head.name}_{name}",
+                                      domain="com.microsoft", **extra, N=len(b), bits=b_bits, block_size=b_block))
+    graph.initializer.append(numpy_helper.from_array(slot, TABLE_SLOT))
+    nodes += [helper.make_node("Concat", [f"{out}_head_t_rows8", f"{out}_head_t_rows4"], [f"{out}_by_slot"],
+                               name=f"{head.name}_concat", axis=-1),
+              helper.make_node("Gather", [f"{out}_by_slot", TABLE_SLOT], [out], name=f"{head.name}_vocab_order", axis=-1)]
+    _replace_node(graph, head, nodes)
+    _drop_unused_initializers(graph)
+
+
+def _rows_within(budget: int, order: np.ndarray, record: dict, log) -> Callable:
+    """`table_rows(graph)` for quantize_nbits: the fewest least-used rows of the head's table (the end of
+    `order`, most used first) whose rounding to int4 brings the artifact to `budget` bytes; None when it
+    fits as it is. Fills `record` (the manifest's `table_split`)."""
+
+    def table_rows(graph) -> np.ndarray | None:
+        table = _embedding_gather(graph).input[0]  # the float embedding, dropped once it gathers from the head
+        table = next(t for t in graph.initializer if t.name == table)
+        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
+        a = _attrs(head)
+        vocab = a["N"]
+        # the file as it would be saved now, without the float table; room for the split's few nodes
+        size = graph.ByteSize() - table.ByteSize() + (1 << 14)
+        if size <= budget:
+            log(f"  {size / 1e6:.1f} MB fits --max-size {budget / 1e6:g} MB without rounding table rows")
+            return None
+        if a["bits"] != 8:
+            raise UserError(f"This export is {size / 1e6:.1f} MB and its table is already {a['bits']}-bit: "
+                            f"--max-size {budget / 1e6:g} MB cannot be met by rounding table rows to int4.")
+        kept, small = split_row_bytes(8, a["block_size"], a["K"], len(head.input) > 3)
+        n4 = -(-(size + 4 * vocab - budget) // (kept - small))  # + TABLE_SLOT's 4 bytes per row
+        if n4 > vocab:
+            least = size + 4 * vocab - vocab * (kept - small)
+            raise UserError(f"--max-size {budget / 1e6:g} MB is below the smallest this export reaches "
+                            f"({least / 1e6:.1f} MB with every table row at int4).")
+        rows = np.sort(np.asarray(order)[vocab - n4:])
+        mask = np.zeros(vocab, bool)
+        mask[rows] = True
+        record.update({"max_size_mb": budget / 1e6, "int4_rows": int(n4), "rows": int(vocab), "int4_block": SPLIT_BLOCK,
+                       "int4_row_bitmap": base64.b64encode(np.packbits(mask).tobytes()).decode()})
+        log(f"  {size / 1e6:.1f} MB > --max-size {budget / 1e6:g} MB: the {n4} least used of {vocab} table rows "
+            f"({n4 / vocab:.0%}) to int4, blocks of {SPLIT_BLOCK}")
+        return rows
+
+    return table_rows
+
+
+def int4_rows_of(split: dict) -> np.ndarray:
+    """The token ids a manifest's `table_split` rounded to int4."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(split["int4_row_bitmap"]), np.uint8))[: split["rows"]]
+    return np.flatnonzero(bits)
+
+
+def _dequantize_rows(u: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, block: int) -> np.ndarray:
+    """fp32 values of 8-bit MatMulNBits rows u [n, K]: (u - zero point) x scale per block, as the kernel computes them."""
+    n, k = u.shape
+    z = np.float32(128) if zp is None else zp.astype(np.float32)[..., None]
+    return ((u.reshape(n, k // block, block).astype(np.float32) - z) * scales[..., None]).reshape(n, k)
 
 
 def quantize_fp8(proto, codes: Callable | None = None):
