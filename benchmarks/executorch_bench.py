@@ -43,6 +43,7 @@ marks = []
 t = time.perf_counter()
 out = pipeline.export(model=sys.argv[1], target=sys.argv[7], quant=sys.argv[2], context=int(sys.argv[3]),
                       chunk=int(sys.argv[4]), out=sys.argv[5], random_weights=sys.argv[6] == "1", validate=False,
+                      max_size=sys.argv[8] if len(sys.argv) > 8 else None,
                       log=lambda m: marks.append((time.perf_counter() - t, m)))
 load_s = next(s for s, m in marks if m.startswith("loaded"))
 print(json.dumps({"total_s": time.perf_counter() - t, "load_s": load_s,

@@ -6,13 +6,16 @@ GGUF's Q8_0 blocks. Eager simulations of the `gguf` reference (gguf_mix.py's set
 activations per block, 512 teacher-forced positions of the bundled validation text against the float
 model).
 
-    python benchmarks/gguf_vocab_split.py [--samples 16] [--seq-len 96] [--json docs/gguf_vocab_split.json]
+    python benchmarks/gguf_vocab_split.py [--fractions ...] [--json docs/gguf_vocab_split.json]
 
-Calibration: `--samples` sequences of `--seq-len` tokens sampled from the float model itself
-(temperature 1; qat_data.self_generated, cached under bundles/calibration), disjoint from the scored
-text. A row's importance: the largest probability the float model gives its token at any calibration
+Calibration: exactly what `--max-size` ranks on (pipeline._rank_table): 16 sequences of 96 tokens
+sampled from the float model itself (temperature 1; qat_data.self_generated, cached under
+bundles/calibration, shared with the export), disjoint from the scored text. A row's importance: the
+largest probability the float model gives its token at any calibration
 position, plus the number of times the token occurs there (as input: its embedding row is read).
-Control: the same fractions of rows chosen at random.
+"least used" is what `--max-size` does (vocab_rows.importance, ties broken by the tokenizer's order).
+"tokenizer order": vocab_rows.prior_order alone (BPE merge rank; no calibration). Control: the same
+fractions of rows chosen at random.
 
 Size: `gguf_mix.size_mb` of the gguf scheme, less half a byte per weight of each int4 row (its fp32
 scale per block of 32 stays); the embedding gathers from the head's table and scales (no copy).
@@ -32,20 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_mix import EMBED, score, setup, size_mb, write  # noqa: E402  (the same reference and scoring)
 
 from gemma3_export.exporters import onnx as ox  # noqa: E402
+from gemma3_export.vocab_rows import prior_order  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.3, 0.4, 0.5, 0.55, 0.6)
-
-
-def importance(model, tokens: torch.Tensor) -> torch.Tensor:
-    """[V]: max probability of each token over the calibration positions + its occurrence count."""
-    vocab = model.config.vocab_size
-    prob, count = torch.zeros(vocab), torch.zeros(vocab)
-    with torch.no_grad():
-        for row in tokens:
-            prob = torch.maximum(prob, model(row[None])[0].softmax(-1).amax(0))
-            count.index_add_(0, row, torch.ones(len(row)))
-    return prob + count
+RANKINGS = ("least used", "tokenizer order", "random (control)")
 
 
 def int4_rows(rows: torch.Tensor):
@@ -60,26 +54,26 @@ def int4_rows(rows: torch.Tensor):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=96)
+    ap.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
+    ap.add_argument("--rankings", nargs="+", default=RANKINGS, choices=RANKINGS)
     ap.add_argument("--json")
     args = ap.parse_args()
     from gemma3_export.load import load_model
-    from gemma3_export.qat_data import self_generated
+    from gemma3_export.pipeline import _rank_table
 
     grid, ids, ref, base = setup(args.length)
     loaded = load_model("270m", log=lambda *_: None)
-    tokens, _ = self_generated(loaded.model, loaded.tokenizer, args.samples, args.seq_len, seed=0,
-                               cache_dir=ROOT / "bundles/calibration", source="270m", log=print)
-    order = torch.argsort(importance(loaded.model, tokens), descending=True)  # most used first
+    ranked = _rank_table(loaded, "270m", None, None, ROOT / "bundles/calibration", log=print)  # as --max-size ranks
     vocab, hidden = base.config.vocab_size, base.config.hidden_size
+    orders = {"least used": torch.from_numpy(ranked["table_order"]),
+              "tokenizer order": torch.from_numpy(prior_order(loaded.tokenizer)),
+              "random (control)": torch.randperm(vocab, generator=torch.Generator().manual_seed(0))}
     full = size_mb(base, grid, {})
     rows = []
-    for frac in FRACTIONS:
+    for frac in args.fractions:
         n4 = int(frac * vocab)
-        picks = {"least used": order[vocab - n4:],
-                 "random (control)": torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:n4]}
-        for how, which in picks.items():
+        for how in args.rankings:
+            which = orders[how][vocab - n4:]
             if how.startswith("random") and frac not in (0.4, 0.55):
                 continue
             rows.append({"int4_rows": round(frac, 2), "chosen": how, "size_mb": round(full - n4 * hidden / 2 / 1e6, 1),
