@@ -120,13 +120,14 @@ def make_spec(model: str, target: str, quant: str | None, context: int | None, c
         )
     budget = parse_size(max_size) if max_size is not None else None
     if budget is not None and (target, scheme.name) not in MAX_SIZE_SCHEMES:
-        raise UserError(f"--max-size rounds table rows of {' and '.join(f'--target {t} --quant {q}' for t, q in MAX_SIZE_SCHEMES)} "
-                        f"exports so far, not --target {target} --quant {scheme.name}.")
+        takers = ", ".join(f"--target {t} --quant {q}" for t, q in MAX_SIZE_SCHEMES)
+        raise UserError(f"--max-size rounds 8-bit table rows to int4; it takes {takers}, not --target {target} "
+                        f"--quant {scheme.name}.")
     return ExportSpec(context=context, chunk=chunk, scheme=scheme, vision=vision_config, max_size=budget)
 
 
 # Where `--max-size` applies: the exports whose tied table it can split by rows (exporters/onnx.py::split_table).
-MAX_SIZE_SCHEMES = (("onnx", "gguf"),)
+MAX_SIZE_SCHEMES = (("onnx", "gguf"), ("coreml", "int8"), ("coreml", "int8b32"))
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 

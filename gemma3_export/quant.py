@@ -27,6 +27,7 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("int8", "per-channel int8 weights", 8),
         Scheme("int4", "per-channel int4 weights (the report's Int4)", 4),
         Scheme("int4b32", "int4 weights in blocks of 32 (the report's Int4 blocks=32)", 4, 32),
+        Scheme("int8b32", "int8 weights in blocks of 32 (Q8_0's grid)", 8, 32),
         Scheme("8da4w", "int8 dynamic activations x int4 weights in blocks of 32 (XNNPACK)", 4, 32),
         Scheme("8da4w-pc", "int8 dynamic activations x per-channel int4 weights (XNNPACK)", 4),
         Scheme("8da8w", "int8 dynamic activations x per-channel int8 weights (XNNPACK)", 8),
@@ -40,7 +41,7 @@ SCHEMES: dict[str, Scheme] = {
 TARGET_SCHEMES: dict[str, tuple[str, ...]] = {
     "onnx": ("fp32", "fp16", "int8", "int4", "int4b32", "fp8", "gguf"),
     "executorch": ("fp32", "8da4w", "8da4w-pc", "8da8w"),
-    "coreml": ("fp16", "fp32", "int8", "int4", "int4b32"),
+    "coreml": ("fp16", "fp32", "int8", "int8b32", "int4", "int4b32"),
 }
 
 DEFAULT_SCHEME = {"onnx": "fp32", "executorch": "8da4w", "coreml": "fp16"}
@@ -52,6 +53,8 @@ _WHY_NOT = {
     ("executorch", "fp8"): "fp8 weights do not lower to ExecuTorch",
     ("executorch", "fp16"): "this stack's XNNPACK path is measured in fp32 only",
     ("coreml", "fp8"): "Core ML has no fp8 weight type",
+    ("onnx", "int8b32"): "8-bit MatMulNBits in blocks of 32 is what gguf stores for Q8_0 tensors; use int8 or gguf",
+    ("executorch", "int8b32"): "weight-only linears lower to XNNPACK with wrong numbers; use 8da8w",
     ("coreml", "gguf"): "the GGUF's blocks map onto onnxruntime's MatMulNBits only so far",
     ("executorch", "gguf"): "the GGUF's blocks map onto onnxruntime's MatMulNBits only so far",
 }

@@ -65,12 +65,10 @@ def thresholds_for(scheme: str, reference: str, int8_activations: bool = False) 
 def _simulate_options(bundle: Bundle) -> dict:
     """What the target's `simulate` needs from the manifest besides the scheme: ONNX's accuracy_level
     (bundles written before it was recorded ran at level 0)."""
-    if bundle.target != "onnx":
-        return {}
     info = bundle.manifest.get("target_info", {})
-    options = {"accuracy_level": info.get("accuracy_level") or 0}
+    options = {"accuracy_level": info.get("accuracy_level") or 0} if bundle.target == "onnx" else {}
     if "table_split" in info:  # --max-size: these table rows were rounded to int4
-        from .exporters.onnx import int4_rows_of
+        from .vocab_rows import int4_rows_of
 
         options["int4_rows"] = int4_rows_of(info["table_split"])
     return options

@@ -14,6 +14,7 @@ of the rows): BPE merge order follows a multilingual training corpus, not what t
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 
 import numpy as np
@@ -73,3 +74,17 @@ def row_order(tokenizer: Tokenizer, scores: np.ndarray | None = None) -> np.ndar
     if scores is None:
         return np.argsort(prior_rank)
     return np.lexsort((prior_rank, -np.asarray(scores, np.float64)))
+
+
+def split_record(budget: int, int4_rows: np.ndarray, vocab: int, block: int) -> dict:
+    """The manifest's `target_info.table_split`: the budget, and which rows went to int4 (a bitmap)."""
+    mask = np.zeros(vocab, bool)
+    mask[int4_rows] = True
+    return {"max_size_mb": budget / 1e6, "int4_rows": int(mask.sum()), "rows": int(vocab), "int4_block": block,
+            "int4_row_bitmap": base64.b64encode(np.packbits(mask).tobytes()).decode()}
+
+
+def int4_rows_of(split: dict) -> np.ndarray:
+    """The row ids a manifest's `table_split` rounded to int4."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(split["int4_row_bitmap"]), np.uint8))[: split["rows"]]
+    return np.flatnonzero(bits)

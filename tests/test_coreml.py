@@ -58,7 +58,7 @@ def load(path):
     return ct.models.MLModel(str(path), skip_model_load=True)
 
 
-@pytest.mark.parametrize("scheme, dtype", [("int8", "int8"), ("int4", "int4"), ("int4b32", "int4")])
+@pytest.mark.parametrize("scheme, dtype", [("int8", "int8"), ("int8b32", "int8"), ("int4", "int4"), ("int4b32", "int4")])
 def test_int_schemes_compress_every_weight(functions, tmp_path, scheme, dtype):
     from gemma3_export.exporters.coreml import save_function
     from gemma3_export.runtimes.coreml import describe_package
@@ -69,7 +69,7 @@ def test_int_schemes_compress_every_weight(functions, tmp_path, scheme, dtype):
     assert d["weight_elements"][dtype] == n  # every linear and the tied embedding, once
     assert d["functions"]["main"]["op_types"] == {"constexpr_blockwise_shift_scale": 43}  # 7 x 6 + embedding
     assert d["weight_elements"].get("float16", 0) < n / 16  # only the scales and small tensors stay fp16
-    scales = n // (32 if scheme == "int4b32" else 64) * 2
+    scales = n // (32 if scheme.endswith("b32") else 64) * 2
     assert d["weight_file_bytes"] < 1.15 * (n * int(dtype[3:]) / 8 + scales) + 16_384
 
 
@@ -215,3 +215,77 @@ def test_bad_requests_are_one_sentence(monkeypatch):
     with pytest.raises(UserError, match="^Core ML runs only on macOS"):
         CoreMLRunner.from_bundle(None, proxy=False)
 
+
+
+# -- --max-size: the least used table rows at int4 (exporters/coreml.py::split_table) -------------------
+
+
+@pytest.fixture(scope="module")
+def split_bundle(tmp_path_factory):
+    """A tiny GGUF with a 4096-row table of width 256 (so rows, not the program, dominate its size),
+    exported to int8b32 with --max-size 200 kB under the unsplit package's estimate."""
+    from gemma3_export.exporters.coreml import package_bytes
+    from gemma3_export.pipeline import export
+    from gemma3_export.tokenizer import tiny_tokenizer
+    from gemma3_export.weights import save_gguf
+
+    tmp = tmp_path_factory.mktemp("coreml-split")
+    model = tiny_model(vocab_size=4096, hidden_size=256, intermediate_size=256, head_dim=64, query_pre_attn_scalar=64)
+    gguf = tmp / "tiny-4096.gguf"
+    save_gguf(model, gguf, tokenizer_model=tiny_tokenizer(4096).model_proto)
+    text = tmp / "text.txt"
+    text.write_text("The cat sat on the mat. A dog ran to the park and back again. " * 20)
+    budget = package_bytes(model, "int8b32") - 200_000
+    bundle = export(model="tiny", target="coreml", quant="int8b32", checkpoint=str(gguf), context=64, chunk=8,
+                    out=tmp / "b", max_size=f"{budget}B", data=[str(text)], log=quiet)
+    return bundle, model, budget, text
+
+
+def test_max_size_splits_the_table_in_the_package(split_bundle):
+    from gemma3_export.exporters.coreml import PACKAGE_BYTES, PACKAGE_BYTES_PER_LAYER, package_bytes
+    from gemma3_export.load import load_model
+    from gemma3_export.runtimes.coreml import describe_package
+    from gemma3_export.vocab_rows import importance, int4_rows_of, row_order
+
+    bundle, model, budget, text = split_bundle
+    m = json.loads((bundle / "manifest.json").read_text())
+    split = m["target_info"]["table_split"]
+    rows = int4_rows_of(split)
+    n4 = len(rows)
+    # the fewest rows that fit by the estimate, and the package within the estimate's slack under the budget
+    assert package_bytes(model, "int8b32", n4) <= budget < package_bytes(model, "int8b32", n4 - 1)
+    size = describe_package(bundle / "model.mlpackage")["size_bytes"]
+    slack = model.config.num_hidden_layers * PACKAGE_BYTES_PER_LAYER + PACKAGE_BYTES
+    assert budget - slack <= size <= budget
+    # the least used rows on the given text, by the documented ranking
+    loaded = load_model("tiny", checkpoint=str(bundle.parent / "tiny-4096.gguf"), log=quiet)
+    ids = loaded.tokenizer.encode(text.read_text(), bos=True)
+    order = row_order(loaded.tokenizer, importance(loaded.model, [ids[i:i + 96] for i in range(0, len(ids), 96)]))
+    assert set(rows.tolist()) == set(order[4096 - n4:].tolist()) and not set(rows.tolist()) & set(ids)
+    # the package: the int4 rows as int4 blocks of 32, the rest int8 blocks of 32
+    d = describe_package(bundle / "model.mlpackage")
+    table_and_linears = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # the tied table once
+    assert d["weight_elements"]["int4"] == n4 * 256
+    assert d["weight_elements"]["int8"] == table_and_linears - n4 * 256
+    assert "least used of the table's 4096 rows at int4" in m["target_info"]["compression"]["weights"]
+
+
+def test_a_split_package_runs_as_its_simulation(split_bundle):
+    """The proxy (the traced split graph with the package's weights) against validate's reference,
+    which rounds the same rows; a manifest without the split no longer describes the package."""
+    import shutil
+
+    from gemma3_export.validate import validate_bundle
+
+    bundle, *_ = split_bundle
+    summary = json.loads((bundle / "manifest.json").read_text())["validation"]
+    assert summary["passed"] and summary["reference"].startswith("eager int8b32"), summary
+    ref = summary["vs_reference"]
+    unsplit_manifest = json.loads((bundle / "manifest.json").read_text())
+    unsplit_manifest["target_info"].pop("table_split")
+    unsplit = bundle.parent / "as-if-unsplit"
+    shutil.copytree(bundle, unsplit)
+    (unsplit / "manifest.json").write_text(json.dumps(unsplit_manifest))
+    with pytest.raises(UserError, match="does not match its manifest"):  # its int4 rows are not in an unsplit graph
+        validate_bundle(unsplit, log=quiet)
+    assert ref["top1"] >= 0.99 and ref["mean_abs"] < 0.01, ref  # fp16 compute against the fp32 reference

@@ -174,7 +174,8 @@ def _head_tables(path) -> dict[str, np.ndarray]:
 
 
 def test_max_size_rounds_the_least_used_table_rows(gguf_file, full_and_split):
-    from gemma3_export.exporters.onnx import TABLE_SLOT, fake_nbits, int4_rows_of
+    from gemma3_export.exporters.onnx import TABLE_SLOT, fake_nbits
+    from gemma3_export.vocab_rows import int4_rows_of
     from gemma3_export.vocab_rows import importance, row_order
 
     full, split, budget, text = full_and_split
@@ -239,7 +240,7 @@ def test_max_size_mistakes_end_in_one_sentence(gguf_file, tmp_path, capsys):
         assert message in err and "Traceback" not in err, err
     assert main(["--model", "tiny", "--target", "onnx", "--quant", "int4b32", "--max-size", "1MB",
                  "--out", str(tmp_path / "x")]) == 2
-    assert "--max-size rounds table rows of --target onnx --quant gguf exports so far" in capsys.readouterr().err
+    assert "--max-size rounds 8-bit table rows to int4; it takes --target onnx --quant gguf" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -6,8 +6,10 @@
   `(tokens int32[1, T], input_pos int32[1]) -> logits float32[1, vocab]` (the last token's).
 - fp16 compute by default with fp32 islands chosen by `numerics.check_fp16` on the bundled text;
   `--quant fp32` computes in fp32. The states are fp16 either way.
-- int8 / int4 per-channel and int4 blocks of 32 through `coremltools.optimize` on every linear weight
-  and the tied embedding; `simulate` puts the eager model on the same grid for `validate`.
+- int8 / int4 per-channel and int8 / int4 blocks of 32 through `coremltools.optimize` on every linear
+  weight and the tied embedding; `simulate` puts the eager model on the same grid for `validate`.
+- `--max-size` (int8, int8b32): the least used rows of the tied table go to int4 blocks of 32 until the
+  package fits (`split_table`: two tables, the head's logits gathered back to vocabulary order).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from torch import Tensor
 from ..cache import KVCache, RingKVCache
 from ..errors import UserError
 from ..model import Gemma3ForCausalLM
+from ..vocab_rows import split_record
 
 ARTIFACT = "model.mlpackage"
 MASK_FILL = -32752.0  # half of fp16's lowest value: finite, and softmax still gives it probability 0
 # scheme -> (bits, block sizes over a [rows, cols] weight: 1 = per row, 0 = whole axis)
-COMPRESSION = {"int8": (8, [1, 0]), "int4": (4, [1, 0]), "int4b32": (4, [1, 32])}
+COMPRESSION = {"int8": (8, [1, 0]), "int8b32": (8, [1, 32]), "int4": (4, [1, 0]), "int4b32": (4, [1, 32])}
 
 
 # -- the exportable model: cache swaps --------------------------------------------------------------
@@ -179,11 +182,19 @@ def compress(mlmodel, scheme: str):
     """Linear-symmetric int8/int4 weights (per row, or blocks of 32) through coremltools.optimize."""
     from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 
-    bits, blocks = COMPRESSION[scheme]
-    op_config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype=f"int{bits}", granularity="per_block",
-                                        block_size=blocks, weight_threshold=1)
-    config = OptimizationConfig(op_name_configs={name: op_config for name in weight_consts(mlmodel)})
+    def op_config(scheme: str):
+        bits, blocks = COMPRESSION[scheme]
+        return OpLinearQuantizerConfig(mode="linear_symmetric", dtype=f"int{bits}", granularity="per_block",
+                                       block_size=blocks, weight_threshold=1)
+
+    config = OptimizationConfig(op_name_configs={name: op_config(weight_scheme(name, scheme))
+                                                 for name in weight_consts(mlmodel)})
     return linear_quantize_weights(mlmodel, config=config)
+
+
+def weight_scheme(name: str, scheme: str) -> str:
+    """The grid of one weight: the split table's int4 rows (`SplitTable.rows4`) are int4b32, the rest `scheme`."""
+    return SPLIT_SCHEME if "rows4" in name else scheme  # const names: p_..._table_rows4[_to_fp16]
 
 
 def _grid(weight: Tensor, scheme: str) -> Tensor:
@@ -196,14 +207,16 @@ def _grid(weight: Tensor, scheme: str) -> Tensor:
     return torch.from_numpy(np.asarray(lq.decompress(params), dtype=np.float32))
 
 
-def simulate(model: Gemma3ForCausalLM, scheme: str) -> Gemma3ForCausalLM:
-    """The eager model with this target's weights for `scheme`: fp16-rounded weights, or the int grid."""
+def simulate(model: Gemma3ForCausalLM, scheme: str, int4_rows: np.ndarray | None = None) -> Gemma3ForCausalLM:
+    """The eager model with this target's weights for `scheme`: fp16-rounded weights, or the int grid.
+    `int4_rows` (`--max-size`): the table split as the export splits it, those rows on int4b32."""
     sim = copy.deepcopy(model)
+    if int4_rows is not None:
+        split_table(sim, int4_rows)
     with torch.no_grad():
-        for name, module in sim.named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and name != "lm_head":  # lm_head: tied
-                w = module.weight
-                w.copy_(_grid(w, scheme) if scheme in COMPRESSION else w.to(torch.float16).float())
+        for name, w in sim.named_parameters():  # the tied table once
+            if w.dim() == 2:
+                w.copy_(_grid(w, weight_scheme(name, scheme)) if scheme in COMPRESSION else w.to(torch.float16).float())
     return sim
 
 
@@ -232,6 +245,100 @@ def _default_tokenizer(config):
     return _tokenizer_for(config)
 
 
+# -- the table split by rows (`--max-size`, issue 10) ---------------------------------------------
+
+SPLIT_SCHEME = "int4b32"  # what the least used rows become
+# What a package holds besides its weights and scales (two MIL programs, metadata, blob alignment,
+# small float constants), from above: measured 1.75 MB on the 18-layer 270M at context 2048 (int8 and
+# int4b32, docs/coreml_bench.json) and 0.40 MB on the 6-layer tiny model at context 64.
+PACKAGE_BYTES_PER_LAYER, PACKAGE_BYTES = 100_000, 256_000
+
+
+class SplitTable(torch.nn.Module):
+    """The tied embedding / LM head as two tables by rows: `rows8` (kept at the scheme's grid) and
+    `rows4` (int4b32); `slot[token]` is the token's row in (rows8, rows4) order."""
+
+    def __init__(self, weight: Tensor, int4_rows: np.ndarray):
+        super().__init__()
+        mask = torch.zeros(weight.shape[0], dtype=torch.bool)
+        mask[torch.as_tensor(np.asarray(int4_rows), dtype=torch.long)] = True
+        rows8, rows4 = torch.nonzero(~mask)[:, 0], torch.nonzero(mask)[:, 0]
+        slot = torch.empty(weight.shape[0], dtype=torch.long)
+        slot[torch.cat([rows8, rows4])] = torch.arange(weight.shape[0])
+        self.rows8 = torch.nn.Parameter(weight.detach()[rows8].clone(), requires_grad=False)
+        self.rows4 = torch.nn.Parameter(weight.detach()[rows4].clone(), requires_grad=False)
+        self.register_buffer("slot", slot)
+        self.n8 = len(rows8)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        slot = self.slot[tokens]
+        kept = torch.nn.functional.embedding(slot.clamp(max=self.n8 - 1), self.rows8)
+        rounded = torch.nn.functional.embedding((slot - self.n8).clamp(min=0), self.rows4)
+        return torch.where((slot < self.n8)[..., None], kept, rounded)
+
+    def head(self, x: Tensor) -> Tensor:
+        logits = torch.cat([torch.nn.functional.linear(x, self.rows8), torch.nn.functional.linear(x, self.rows4)], -1)
+        return logits.index_select(-1, self.slot)
+
+
+class _SplitEmbedding(torch.nn.Module):
+    def __init__(self, table: SplitTable):
+        super().__init__()
+        self.table = table
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.table.embed(tokens)
+
+
+class _SplitHead(_SplitEmbedding):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.table.head(x)
+
+
+def split_table(model: Gemma3ForCausalLM, int4_rows: np.ndarray) -> Gemma3ForCausalLM:
+    """Swap the tied embedding and head for one SplitTable (in place)."""
+    table = SplitTable(model.model.embed_tokens.weight, int4_rows)
+    model.model.embed_tokens, model.lm_head = _SplitEmbedding(table), _SplitHead(table)
+    return model
+
+
+def package_bytes(model: Gemma3ForCausalLM, scheme: str, int4: int = 0) -> int:
+    """The package's size for `scheme` with `int4` of the table's rows at int4b32, from above: int
+    codes and fp16 scales of every weight, fp16 norms, the slot map (int32) when split, and the rest
+    (PACKAGE_BYTES_PER_LAYER, PACKAGE_BYTES)."""
+    def matrix(n: int, k: int, scheme: str) -> int:
+        bits, (_, block) = COMPRESSION[scheme]
+        return n * k * bits // 8 + n * (k // block if block else 1) * 2
+
+    table = model.model.embed_tokens.weight
+    total = model.config.num_hidden_layers * PACKAGE_BYTES_PER_LAYER + PACKAGE_BYTES
+    for p in model.parameters():  # the tied table once
+        if p is table:
+            v, k = p.shape
+            total += matrix(v - int4, k, scheme) + (matrix(int4, k, SPLIT_SCHEME) + 4 * v if int4 else 0)
+        else:
+            total += matrix(*p.shape, scheme) if p.dim() == 2 else 2 * p.numel()
+    return total
+
+
+def rows_within(model: Gemma3ForCausalLM, scheme: str, budget: int, order: np.ndarray, log) -> np.ndarray | None:
+    """The fewest least used rows (the end of `order`) whose int4 rounding fits the package in `budget`."""
+    vocab, hidden = model.model.embed_tokens.weight.shape
+    size = package_bytes(model, scheme)
+    if size <= budget:
+        log(f"  about {size / 1e6:.1f} MB: fits --max-size {budget / 1e6:g} MB without rounding table rows")
+        return None
+    saved = package_bytes(model, scheme) - package_bytes(model, scheme, 1) + 4 * vocab  # per row, the map aside
+    n4 = -(-(size + 4 * vocab - budget) // saved)
+    if n4 > vocab:
+        least = package_bytes(model, scheme, vocab)
+        raise UserError(f"--max-size {budget / 1e6:g} MB is below the smallest this export reaches "
+                        f"({least / 1e6:.1f} MB with every table row at int4).")
+    log(f"  about {size / 1e6:.1f} MB > --max-size {budget / 1e6:g} MB: the {n4} least used of {vocab} table rows "
+        f"({n4 / vocab:.0%}) to int4, blocks of 32")
+    return np.sort(np.asarray(order)[vocab - n4:])
+
+
 # -- the exporter -------------------------------------------------------------------------------
 
 def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=None) -> dict:
@@ -244,6 +351,12 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
     start = time.perf_counter()
     scheme, C = spec.scheme.name, spec.chunk
     tokenizer = tokenizer or _default_tokenizer(model.config)
+    split = {}
+    if getattr(spec, "max_size", None):
+        rows = rows_within(model, scheme, spec.max_size, spec.table_order, log)
+        if rows is not None:
+            split_table(model, rows)
+            split = {**split_record(spec.max_size, rows, model.config.vocab_size, 32), "ranking": spec.table_ranking}
     prepare(model, spec.context)
     width = model.config.hidden_size if spec.vision else None  # vision bundles: image_embeds in
     programs = {"prefill": trace(model, C, bool(width)), "decode": trace(model, 1, bool(width))}
@@ -261,8 +374,15 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
         save_package(paths, folder / ARTIFACT)
     package = describe_package(folder / ARTIFACT)
     log(f"  wrote {ARTIFACT} ({package['size_bytes'] / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    if split and package["size_bytes"] > spec.max_size:
+        raise RuntimeError(f"the package is {package['size_bytes']} bytes, over --max-size {spec.max_size}: "
+                           "package_bytes underestimates it")
     fields = _manifest_fields(package, report, scheme, C)
     fields["target_info"]["export_seconds"] = round(time.perf_counter() - start, 1)
+    if split:
+        fields["target_info"]["table_split"] = split
+        fields["target_info"]["compression"]["weights"] += (
+            f"; {split['int4_rows']} least used of the table's {split['rows']} rows at int4 blocks of 32 (--max-size)")
     return fields
 
 
@@ -276,7 +396,7 @@ def check_numerics(programs: dict, scheme: str, tokenizer, context: int, chunk: 
         params, grids = {}, {}
         for name, value in programs["prefill"].state_dict.items():  # the tied embedding once
             if value.dim() == 2 and value.data_ptr() not in grids:
-                grids[value.data_ptr()] = _grid(value, scheme)
+                grids[value.data_ptr()] = _grid(value, weight_scheme(name, scheme))
             params[name] = grids[value.data_ptr()] if value.dim() == 2 else value
     n_layers = len(programs["prefill"].graph_signature.buffers_to_mutate) // 2  # a k and a v per layer
     ids = validation_ids(tokenizer, min(len(tokenizer.encode(_check_text(), bos=False)) + 1, context))

@@ -28,7 +28,6 @@ Every scheme: each RMSNorm is one SimplifiedLayerNormalization; MatMulNBits that
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 import hashlib
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..vocab_rows import split_record
 
 OPSET = 21
 ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"
@@ -863,21 +863,12 @@ def _rows_within(budget: int, order: np.ndarray, record: dict, log) -> Callable:
             raise UserError(f"--max-size {budget / 1e6:g} MB is below the smallest this export reaches "
                             f"({least / 1e6:.1f} MB with every table row at int4).")
         rows = np.sort(np.asarray(order)[vocab - n4:])
-        mask = np.zeros(vocab, bool)
-        mask[rows] = True
-        record.update({"max_size_mb": budget / 1e6, "int4_rows": int(n4), "rows": int(vocab), "int4_block": SPLIT_BLOCK,
-                       "int4_row_bitmap": base64.b64encode(np.packbits(mask).tobytes()).decode()})
+        record.update(split_record(budget, rows, vocab, SPLIT_BLOCK))
         log(f"  {size / 1e6:.1f} MB > --max-size {budget / 1e6:g} MB: the {n4} least used of {vocab} table rows "
             f"({n4 / vocab:.0%}) to int4, blocks of {SPLIT_BLOCK}")
         return rows
 
     return table_rows
-
-
-def int4_rows_of(split: dict) -> np.ndarray:
-    """The token ids a manifest's `table_split` rounded to int4."""
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(split["int4_row_bitmap"]), np.uint8))[: split["rows"]]
-    return np.flatnonzero(bits)
 
 
 def _dequantize_rows(u: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, block: int) -> np.ndarray:

@@ -120,12 +120,14 @@ def check_package(path: Path, manifest: dict, described: dict | None = None) -> 
             problems.append(f"{name} states differ from the manifest's cache layout")
     if not d["weights_shared"]:
         problems.append("prefill and decode do not share their weight blobs")
-    compression = (manifest.get("target_info") or {}).get("compression")
+    info = manifest.get("target_info") or {}
+    compression = info.get("compression")
     if compression:
+        dtypes = [compression["dtype"], *(["int4"] if "table_split" in info else [])]  # --max-size: int4 rows too
         total = sum(d["weight_elements"].values())
-        stored = d["weight_elements"].get(compression["dtype"], 0)
+        stored = sum(d["weight_elements"].get(t, 0) for t in dtypes)
         if stored < 0.9 * total:
-            problems.append(f"only {stored} of {total} stored weight elements are {compression['dtype']}")
+            problems.append(f"only {stored} of {total} stored weight elements are {' or '.join(dtypes)}")
     return problems
 
 
@@ -272,6 +274,11 @@ class ProxyRunner(CoreMLRunner):
         super().__init__(bundle)
         info = bundle.manifest["target_info"]
         model = load_model(**bundle.manifest["source"], log=lambda *_: None).model
+        if "table_split" in info:  # --max-size: the same two tables as the package
+            from ..exporters.coreml import split_table
+            from ..vocab_rows import int4_rows_of
+
+            split_table(model, int4_rows_of(info["table_split"]))
         prepare(model, self.max_context)
         images = self.embed_width is not None
         if images:
