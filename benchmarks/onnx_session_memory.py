@@ -1,5 +1,6 @@
-"""Where an ONNX bundle's peak resident memory goes, and what two session-side changes give (issue 9):
-onnxruntime's CPU memory arena off, and the weights in an external data file. Each variant in a fresh
+"""Where an ONNX bundle's peak resident memory goes, and what three session-side changes give (issue 9):
+onnxruntime's CPU memory arena off, its weight prepacking off (`session.disable_prepacking`: the
+kernels' packed copies of the weights are not made), and the weights in an external data file. Each variant in a fresh
 process, alternating, on 2 threads: VmHWM after `import` + session creation, and after the
 compare.py-like workload (a 128-token prefill, 64 decode steps, a 1024-token prefill).
 
@@ -25,20 +26,23 @@ def vm_hwm_gb() -> float:
     return int(line.split()[1]) / 1e6
 
 
-def child(bundle: str, arena: bool) -> None:
+def child(bundle: str, mode: str) -> None:
     import numpy as np
     import onnxruntime as ort
 
     after_import = vm_hwm_gb()
-    if not arena:  # the runner's session options, arena off
+    if mode != "default":  # the runner's session options, with the arena or the prepacking off
         base = ort.SessionOptions
 
-        class NoArena(base):
+        class Changed(base):
             def __init__(self):
                 super().__init__()
-                self.enable_cpu_mem_arena = False
+                if mode == "no-arena":
+                    self.enable_cpu_mem_arena = False
+                else:
+                    self.add_session_config_entry("session.disable_prepacking", "1")
 
-        ort.SessionOptions = NoArena
+        ort.SessionOptions = Changed
     from gemma3_export.bundle import read_bundle
     from gemma3_export.runtimes.onnx import OnnxRunner
 
@@ -76,14 +80,15 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child[0], args.child[1] == "1")
+        return child(*args.child)
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"as exported": (args.bundle, "1"), "arena off": (args.bundle, "0"),
-                    "external data": (str(external_copy(Path(args.bundle), Path(tmp))), "1")}
+        variants = {"as exported": (args.bundle, "default"), "arena off": (args.bundle, "no-arena"),
+                    "prepacking off": (args.bundle, "no-prepack"),
+                    "external data": (str(external_copy(Path(args.bundle), Path(tmp))), "default")}
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         for _ in range(args.repeats):
-            for name, (bundle, arena) in variants.items():
-                out = subprocess.run([sys.executable, __file__, args.bundle, "--child", bundle, arena],
+            for name, (bundle, mode) in variants.items():
+                out = subprocess.run([sys.executable, __file__, args.bundle, "--child", bundle, mode],
                                      capture_output=True, text=True, check=True)
                 runs[name].append(json.loads(out.stdout.splitlines()[-1]))
                 print(name, runs[name][-1], f"load average {os.getloadavg()[0]:.2f}", flush=True)
