@@ -28,26 +28,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from compare import LlamaCpp, float_reference, gguf_path, prompts  # noqa: E402
+from compare import LlamaCpp, float_reference, gguf_path, prompts, steps_agreement  # noqa: E402
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def steps_agreement(system, reference: list) -> float:
-    same = total = 0
-    for prompt, continuation in reference:
-        system.reset()
-        logits = system.prefill(prompt)
-        for j, token in enumerate(continuation):
-            same += int(np.argmax(logits)) == token
-            total += 1
-            if j + 1 < len(continuation):
-                logits = system.decode(token)
-    return same / total
 
 
 def text_metrics(system, ids: list[int], float_logp: np.ndarray) -> dict:
@@ -99,7 +86,7 @@ def main() -> None:
         start = time.perf_counter()
         system = opened()
         size = read_bundle(name).artifact_bytes if Path(name).is_dir() else gguf_path().stat().st_size
-        rows.append({"system": name, "size_mb": round(size / 1e6, 1), "steps_agreement": round(steps_agreement(system, reference), 4),
+        rows.append({"system": name, "size_mb": round(size / 1e6, 1), "steps_agreement": round(steps_agreement(system, reference)[0], 4),
                      **text_metrics(system, ids, float_logp), "runtime": getattr(system, "runtime_note", None) or "its own",
                      "seconds": round(time.perf_counter() - start, 1)})
         print(rows[-1], flush=True)

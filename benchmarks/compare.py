@@ -295,19 +295,25 @@ def child_run(name: str, path: str, threads: int, spec: dict) -> dict:
     s.prefill(spec["long"])
     out["prefill_long_tok_s"] = len(spec["long"]) / (time.perf_counter() - start)
     if spec.get("reference"):
-        same = total = 0
-        for prompt, continuation in spec["reference"]:  # teacher-forced on the float model's greedy tokens
-            s.reset()
-            logits = s.prefill(prompt)
-            for j, ref in enumerate(continuation):
-                same += int(np.argmax(logits)) == ref
-                total += 1
-                if j + 1 < len(continuation):
-                    logits = s.decode(ref)
-        out["agreement"] = same / total
-        out["agreement_steps"] = total
+        out["agreement"], out["agreement_steps"] = steps_agreement(s, spec["reference"])
     out["peak_rss_gb"] = peak_rss_gb()
     return out
+
+
+def steps_agreement(system, reference: list) -> tuple[float, int]:
+    """How often the system's argmax is the float model's greedy token, teacher-forced on its continuations."""
+    import numpy as np
+
+    same = total = 0
+    for prompt, continuation in reference:
+        system.reset()
+        logits = system.prefill(prompt)
+        for j, token in enumerate(continuation):
+            same += int(np.argmax(logits)) == token
+            total += 1
+            if j + 1 < len(continuation):
+                logits = system.decode(token)
+    return same / total, total
 
 
 CHILD = """
