@@ -108,8 +108,12 @@ def test_the_grid_reads_back_what_the_loader_dequantizes(gguf_file):
 
 
 def test_onnx_keeps_the_gguf_blocks(gguf_file, tmp_path):
+    lines = []
     bundle = pipeline.export(model="tiny", target="onnx", quant="gguf", checkpoint=str(gguf_file), context=64, chunk=8,
-                             out=tmp_path / "b", validate=False, log=lambda *_: None)
+                             out=tmp_path / "b", validate=False, log=lines.append)
+    notices = [line for line in lines if "notice:" in line]  # the re-quantized tensor is named as it happens
+    assert notices == ["  notice: model.layers.5.mlp.up_proj.weight: F32 -> int8 per channel, re-quantized "
+                       "(F32 has no MatMulNBits form)"], notices
     m = json.loads((bundle / "manifest.json").read_text())
     tensors = m["target_info"]["tensors"]
     assert tensors["model.layers.0.self_attn.q_proj.weight"] == "Q5_0 -> int8 block 32 (bit for bit)"

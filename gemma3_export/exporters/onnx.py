@@ -339,6 +339,9 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
     codes, pack, tensors = None, None, None
     if scheme == "gguf":
         pack, tensors = gguf_packs(model, spec.grid)
+        for name, fate in tensors.items():  # never silently: each tensor rounded again, said as it happens
+            if "re-quantized" in fate:
+                log(f"  notice: {name}: {fate}")
     elif spec.grid is not None:
         codes = grid_codes(model, spec.grid)
         pack = (lambda w: _signed(NBITS[scheme][0], *codes(w))) if scheme in NBITS else None  # noqa: E731
