@@ -847,12 +847,14 @@ def _rows_within(budget: int, order: np.ndarray, record: dict, log) -> Callable:
 
     def table_rows(graph) -> np.ndarray | None:
         table = _embedding_gather(graph).input[0]  # the float embedding, dropped once it gathers from the head
-        table = next(t for t in graph.initializer if t.name == table)
         head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
         a = _attrs(head)
         vocab = a["N"]
-        # the file as it would be saved now, without the float table; room for the split's few nodes
-        size = graph.ByteSize() - table.ByteSize() + (1 << 14)
+        # the file(s) as they would be saved now, without the float table, summed by part (a graph over
+        # 2 GB has no ByteSize); room for the split's few nodes
+        size = (sum(t.ByteSize() for t in graph.initializer if t.name != table)
+                + sum(x.ByteSize() for part in (graph.node, graph.value_info, graph.input, graph.output) for x in part)
+                + (1 << 14))
         if size <= budget:
             log(f"  {size / 1e6:.1f} MB fits --max-size {budget / 1e6:g} MB without rounding table rows")
             return None
