@@ -183,10 +183,10 @@ class Ours:
 class LlamaCpp:
     """llama-cpp-python's `Llama.eval` (its default batch of 512) and the last token's logits."""
 
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, n_ctx: int = CONTEXT):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=path, n_ctx=CONTEXT, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def reset(self) -> None:
         self.llm.reset()
