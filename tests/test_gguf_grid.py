@@ -210,6 +210,17 @@ def test_max_size_rounds_the_least_used_table_rows(gguf_file, full_and_split):
     assert np.array_equal(whole, q8)
 
 
+def test_the_size_of_a_graph_over_2gb_is_bounded_by_its_parts(full_and_split):
+    """protobuf cannot measure a graph over 2 GB; `--max-size` then sums its parts, from above."""
+    from gemma3_export.exporters.onnx import _saved_bytes
+
+    graph = onnx.load(str(full_and_split[0] / "model.onnx")).graph
+    name = graph.initializer[0].name
+    whole, by_parts = _saved_bytes(graph, name), _saved_bytes(graph, name, whole=False)
+    parts = sum(len(p) for p in (graph.initializer, graph.node, graph.value_info, graph.input, graph.output))
+    assert whole <= by_parts <= whole + 12 * parts
+
+
 def test_a_split_table_bundle_runs_as_its_simulation(full_and_split):
     """Validate's reference rounds the same rows: the artifact agrees with it far better than with the
     unsplit gguf reference (this random model's table is where its logits come from)."""
