@@ -123,6 +123,8 @@ def make_spec(model: str, target: str, quant: str | None, context: int | None, c
         takers = ", ".join(f"--target {t} --quant {q}" for t, q in MAX_SIZE_SCHEMES)
         raise UserError(f"--max-size rounds 8-bit table rows to int4; it takes {takers}, not --target {target} "
                         f"--quant {scheme.name}.")
+    if budget is not None and vision:
+        raise UserError("--max-size splits the text table of text-only exports so far; drop --vision or --max-size.")
     return ExportSpec(context=context, chunk=chunk, scheme=scheme, vision=vision_config, max_size=budget)
 
 

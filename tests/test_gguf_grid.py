@@ -256,6 +256,9 @@ def test_max_size_mistakes_end_in_one_sentence(gguf_file, tmp_path, capsys):
     assert main(["--model", "tiny", "--target", "onnx", "--quant", "int4b32", "--max-size", "1MB",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--max-size rounds 8-bit table rows to int4; it takes --target onnx --quant gguf" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--target", "coreml", "--quant", "int8", "--vision", "--max-size", "1MB",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--max-size splits the text table of text-only exports so far" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
