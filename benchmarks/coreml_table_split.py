@@ -50,7 +50,7 @@ def main() -> None:
                      **score(cm.simulate(model, scheme), {}, ids, ref)})
         print(rows[-1], flush=True)
     for scheme in ("int8", "int8b32"):
-        split = cm.rows_within(model, scheme, budget, order, print)
+        split = cm.rows_within(model, scheme, budget, order, print)  # order: called when a split is needed
         rows.append({"scheme": f"{scheme} --max-size {args.budget}", "int4_rows": len(split),
                      "size_mb": round(cm.package_bytes(model, scheme, len(split)) / 1e6, 1),
                      **score(cm.simulate(model, scheme, split), {}, ids, ref)})

@@ -65,7 +65,7 @@ def main() -> None:
     loaded = load_model("270m", log=lambda *_: None)
     ranked = _rank_table(loaded, "270m", None, None, ROOT / "bundles/calibration", log=print)  # as --max-size ranks
     vocab, hidden = base.config.vocab_size, base.config.hidden_size
-    orders = {"least used": torch.from_numpy(ranked["table_order"]),
+    orders = {"least used": torch.from_numpy(ranked["table_order"]()),
               "tokenizer order": torch.from_numpy(prior_order(loaded.tokenizer)),
               "random (control)": torch.randperm(vocab, generator=torch.Generator().manual_seed(0))}
     full = size_mb(base, grid, {})

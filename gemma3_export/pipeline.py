@@ -74,9 +74,10 @@ class ExportSpec:
     # --vision: the bundle also holds the image encoder, and the decoder takes image_embeds
     vision: VisionConfig | None = None
     # --max-size (bytes): the least used rows of the tied table are rounded to int4 until the artifact
-    # fits; `table_order` ranks the rows (vocab_rows.row_order, most used first), `table_ranking` says how
+    # fits; `table_order()` ranks the rows (vocab_rows.row_order, most used first; computed when first
+    # called), `table_ranking` says on what
     max_size: int | None = None
-    table_order: Any = None
+    table_order: Callable[[], Any] | None = None
     table_ranking: str | None = None
 
 
@@ -271,23 +272,32 @@ def gguf_grid(loaded) -> dict:
 
 
 def _rank_table(loaded, model: str, data, texts, cache_dir: Path, log) -> dict:
-    """The table's rows, most used first (vocab_rows), on the user's text or on text sampled from the
-    float model (cached in `cache_dir`): `table_order` and `table_ranking` of the spec."""
+    """`table_order` (a function: the table's rows, most used first, by vocab_rows) and `table_ranking`
+    (what it ranks on) of the spec. The ranking runs at the first call, so an export that fits without
+    a split never samples the float model (minutes); it ranks on the user's text, or on text sampled
+    from the float model (cached in `cache_dir`)."""
     from .qat_data import self_generated
     from .vocab_rows import importance, row_order
 
     if texts:
         stream = [i for t in texts for i in loaded.tokenizer.encode(t, bos=True)][: CALIBRATION_MAX_TOKENS]
-        tokens = [stream[i : i + CALIBRATION_SEQ_LEN] for i in range(0, len(stream), CALIBRATION_SEQ_LEN)]
         how = f"{len(stream)} tokens of {', '.join(map(str, data))}"
     else:
-        sampled, _ = self_generated(loaded.model, loaded.tokenizer, CALIBRATION_SEQUENCES, CALIBRATION_SEQ_LEN, 0,
-                                    cache_dir, f"{model}: {loaded.source}", log=log)
-        tokens = sampled.tolist()
-        how = f"{sampled.numel()} tokens sampled from the float model (seed 0)"
-    log(f"ranking the table's rows on {how}")
-    scores = importance(loaded.model, tokens, log=log)
-    return {"table_order": row_order(loaded.tokenizer, scores), "table_ranking": how}
+        how = f"{CALIBRATION_SEQUENCES * CALIBRATION_SEQ_LEN} tokens sampled from the float model (seed 0)"
+    ranked = []
+
+    def table_order():
+        if not ranked:
+            if texts:
+                tokens = [stream[i : i + CALIBRATION_SEQ_LEN] for i in range(0, len(stream), CALIBRATION_SEQ_LEN)]
+            else:
+                tokens = self_generated(loaded.model, loaded.tokenizer, CALIBRATION_SEQUENCES, CALIBRATION_SEQ_LEN, 0,
+                                        cache_dir, f"{model}: {loaded.source}", log=log)[0].tolist()
+            log(f"ranking the table's rows on {how}")
+            ranked.append(row_order(loaded.tokenizer, importance(loaded.model, tokens, log=log)))
+        return ranked[0]
+
+    return {"table_order": table_order, "table_ranking": how}
 
 
 # Calibration text for `--max-size`'s ranking (benchmarks/gguf_vocab_split.py measured 16 x 96).

@@ -280,3 +280,13 @@ def test_the_tokenizer_order_puts_the_conversation_first_and_unused_pieces_last(
     ranked = row_order(tok, scores).tolist()
     assert ranked[:2] == [7, 515] and ranked[2:7] == [i for i in order if i != 7][:5]
     assert ranked[-7:] == [512, 513, 514, 516, 517, 518, 519]
+
+
+def test_a_budget_the_export_already_fits_rounds_nothing_and_samples_nothing(gguf_file, tmp_path):
+    lines = []
+    bundle = pipeline.export(model="tiny", target="onnx", quant="gguf", checkpoint=str(gguf_file), context=64, chunk=8,
+                             out=tmp_path / "b", validate=False, max_size="1GB", log=lines.append)
+    assert any("fits --max-size 1000 MB without rounding table rows" in line for line in lines), lines
+    assert not any("sampling" in line or "ranking" in line for line in lines), lines  # the ranking never ran
+    assert "table_split" not in json.loads((bundle / "manifest.json").read_text())["target_info"]
+    assert not (tmp_path / "calibration").exists()

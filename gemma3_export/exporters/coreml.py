@@ -321,8 +321,9 @@ def package_bytes(model: Gemma3ForCausalLM, scheme: str, int4: int = 0) -> int:
     return total
 
 
-def rows_within(model: Gemma3ForCausalLM, scheme: str, budget: int, order: np.ndarray, log) -> np.ndarray | None:
-    """The fewest least used rows (the end of `order`) whose int4 rounding fits the package in `budget`."""
+def rows_within(model: Gemma3ForCausalLM, scheme: str, budget: int, order, log) -> np.ndarray | None:
+    """The fewest least used rows (the end of `order()`, called only when a split is needed) whose int4
+    rounding fits the package in `budget`."""
     vocab, hidden = model.model.embed_tokens.weight.shape
     size = package_bytes(model, scheme)
     if size <= budget:
@@ -336,7 +337,7 @@ def rows_within(model: Gemma3ForCausalLM, scheme: str, budget: int, order: np.nd
                         f"({least / 1e6:.1f} MB with every table row at int4).")
     log(f"  about {size / 1e6:.1f} MB > --max-size {budget / 1e6:g} MB: the {n4} least used of {vocab} table rows "
         f"({n4 / vocab:.0%}) to int4, blocks of 32")
-    return np.sort(np.asarray(order)[vocab - n4:])
+    return np.sort(np.asarray(order())[vocab - n4:])
 
 
 # -- the exporter -------------------------------------------------------------------------------

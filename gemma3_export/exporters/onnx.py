@@ -840,10 +840,10 @@ def split_table(graph, int4_rows: np.ndarray) -> None:
     _drop_unused_initializers(graph)
 
 
-def _rows_within(budget: int, order: np.ndarray, record: dict, log) -> Callable:
+def _rows_within(budget: int, order: Callable[[], np.ndarray], record: dict, log) -> Callable:
     """`table_rows(graph)` for quantize_nbits: the fewest least-used rows of the head's table (the end of
-    `order`, most used first) whose rounding to int4 brings the artifact to `budget` bytes; None when it
-    fits as it is. Fills `record` (the manifest's `table_split`)."""
+    `order()`, most used first; called only when a split is needed) whose rounding to int4 brings the
+    artifact to `budget` bytes; None when it fits as it is. Fills `record` (the manifest's `table_split`)."""
 
     def table_rows(graph) -> np.ndarray | None:
         table = _embedding_gather(graph).input[0]  # the float embedding, dropped once it gathers from the head
@@ -863,7 +863,7 @@ def _rows_within(budget: int, order: np.ndarray, record: dict, log) -> Callable:
             least = size + 4 * vocab - vocab * (kept - small)
             raise UserError(f"--max-size {budget / 1e6:g} MB is below the smallest this export reaches "
                             f"({least / 1e6:.1f} MB with every table row at int4).")
-        rows = np.sort(np.asarray(order)[vocab - n4:])
+        rows = np.sort(np.asarray(order())[vocab - n4:])
         record.update(split_record(budget, rows, vocab, SPLIT_BLOCK))
         log(f"  {size / 1e6:.1f} MB > --max-size {budget / 1e6:g} MB: the {n4} least used of {vocab} table rows "
             f"({n4 / vocab:.0%}) to int4, blocks of {SPLIT_BLOCK}")
