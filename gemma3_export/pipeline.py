@@ -12,6 +12,7 @@ artifact accepts), plus anything target-specific under `target_info`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -129,7 +130,8 @@ def make_spec(model: str, target: str, quant: str | None, context: int | None, c
     return ExportSpec(context=context, chunk=chunk, scheme=scheme, vision=vision_config, max_size=budget)
 
 
-# Where `--max-size` applies: the exports whose tied table it can split by rows (exporters/onnx.py::split_table).
+# Where `--max-size` applies: the exports whose 8-bit tied table it can split by rows (`split_table` in
+# exporters/onnx.py and exporters/coreml.py).
 MAX_SIZE_SCHEMES = (("onnx", "gguf"), ("coreml", "int8"), ("coreml", "int8b32"))
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -284,18 +286,16 @@ def _rank_table(loaded, model: str, data, texts, cache_dir: Path, log) -> dict:
         how = f"{len(stream)} tokens of {', '.join(map(str, data))}"
     else:
         how = f"{CALIBRATION_SEQUENCES * CALIBRATION_SEQ_LEN} tokens sampled from the float model (seed 0)"
-    ranked = []
 
+    @functools.cache
     def table_order():
-        if not ranked:
-            if texts:
-                tokens = [stream[i : i + CALIBRATION_SEQ_LEN] for i in range(0, len(stream), CALIBRATION_SEQ_LEN)]
-            else:
-                tokens = self_generated(loaded.model, loaded.tokenizer, CALIBRATION_SEQUENCES, CALIBRATION_SEQ_LEN, 0,
-                                        cache_dir, f"{model}: {loaded.source}", log=log)[0].tolist()
-            log(f"ranking the table's rows on {how}")
-            ranked.append(row_order(loaded.tokenizer, importance(loaded.model, tokens, log=log)))
-        return ranked[0]
+        if texts:
+            tokens = [stream[i : i + CALIBRATION_SEQ_LEN] for i in range(0, len(stream), CALIBRATION_SEQ_LEN)]
+        else:
+            tokens = self_generated(loaded.model, loaded.tokenizer, CALIBRATION_SEQUENCES, CALIBRATION_SEQ_LEN, 0,
+                                    cache_dir, f"{model}: {loaded.source}", log=log)[0].tolist()
+        log(f"ranking the table's rows on {how}")
+        return row_order(loaded.tokenizer, importance(loaded.model, tokens, log=log))
 
     return {"table_order": table_order, "table_ranking": how}
 

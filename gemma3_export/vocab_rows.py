@@ -61,19 +61,28 @@ def importance(model, tokens: Iterable[list[int]], log=None) -> np.ndarray:
     return (prob + count).numpy()
 
 
-def row_order(tokenizer: Tokenizer, scores: np.ndarray | None = None) -> np.ndarray:
+def row_order(tokenizer: Tokenizer, scores: np.ndarray) -> np.ndarray:
     """Row ids, most used first: by `scores` (`importance`, one per row of the model's table; higher
     first), then `prior_order`. Rows past the tokenizer's vocabulary (the 4b+ tables' image rows) come
     last: no text produces them."""
-    n = tokenizer.vocab_size if scores is None else len(scores)
+    n = len(scores)
     prior_rank = np.arange(n, dtype=np.int64)  # rows the tokenizer lacks keep their place, after its own
     known = min(n, tokenizer.vocab_size)
     prior = prior_order(tokenizer)
     prior = prior[prior < known]
     prior_rank[prior] = np.arange(len(prior))
-    if scores is None:
-        return np.argsort(prior_rank)
     return np.lexsort((prior_rank, -np.asarray(scores, np.float64)))
+
+
+def split_rows(vocab: int, int4_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two row sets of a split table and the map back: (kept rows, int4 rows, slot), where slot[token]
+    is the token's row in the two tables concatenated (kept first)."""
+    mask = np.zeros(vocab, bool)
+    mask[np.asarray(int4_rows, np.int64)] = True
+    kept, rounded = np.flatnonzero(~mask), np.flatnonzero(mask)
+    slot = np.empty(vocab, np.int64)
+    slot[np.concatenate([kept, rounded])] = np.arange(vocab)
+    return kept, rounded, slot
 
 
 def split_record(budget: int, int4_rows: np.ndarray, vocab: int, block: int) -> dict:

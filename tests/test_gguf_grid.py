@@ -69,24 +69,24 @@ def gguf_file(tmp_path_factory):
     return path
 
 
+def _dequantized(graph, node, inits) -> np.ndarray:
+    """A MatMulNBits node's weight, dequantized as onnxruntime defines it, as [N, K]."""
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    n, k, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
+    packed = inits[node.input[1]].reshape(n, -1)
+    u = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1) if bits == 4 else packed
+    scales = inits[node.input[2]].reshape(n, -1)
+    zp = inits[node.input[3]].reshape(n, -1)[..., None] if len(node.input) > 3 else np.float32(2 ** (bits - 1))
+    q = u[:, :k].astype(np.float32).reshape(n, k // block, block)
+    return ((q - zp) * scales[..., None]).reshape(n, k)
+
+
 def _nbits(path) -> list[np.ndarray]:
-    """Every MatMulNBits weight of an ONNX file, dequantized as onnxruntime defines it, as [N, K]."""
-    proto = onnx.load(str(path))
-    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    out = []
-    for node in proto.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        n, k, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
-        packed = inits[node.input[1]].reshape(n, -1)
-        u = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1) if bits == 4 else packed
-        scales = inits[node.input[2]].reshape(n, -1)
-        zp = inits[node.input[3]].reshape(n, -1) if len(node.input) > 3 else np.float32(2 ** (bits - 1))
-        q = u[:, :k].astype(np.float32).reshape(n, k // block, block)
-        zp = zp[..., None] if isinstance(zp, np.ndarray) else zp
-        out += [w for (w,) in split_siblings(proto.graph, node, ((q - zp) * scales[..., None]).reshape(n, k))]
-    return out
+    """Every MatMulNBits weight of an ONNX file, dequantized, as [N, K] (stacked siblings cut apart)."""
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return [w for node in graph.node if node.op_type == "MatMulNBits"
+            for (w,) in split_siblings(graph, node, _dequantized(graph, node, inits))]
 
 
 def test_the_grid_reads_back_what_the_loader_dequantizes(gguf_file):
@@ -161,20 +161,12 @@ def full_and_split(gguf_file, tmp_path_factory):
     return full, split, budget, text
 
 
-def _head_tables(path) -> dict[str, np.ndarray]:
-    """The head's MatMulNBits weights by table name, dequantized [N, K]."""
-    proto = onnx.load(str(path))
-    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    out = {}
-    for node in proto.graph.node:
-        if node.op_type == "MatMulNBits" and node.input[1].startswith("head_t"):
-            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-            n, k, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
-            packed = inits[node.input[1]].reshape(n, -1)
-            u = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1) if bits == 4 else packed
-            q = u.astype(np.float32).reshape(n, k // block, block) - 2 ** (bits - 1)
-            out[node.input[1]] = (q * inits[node.input[2]].reshape(n, -1, 1)).reshape(n, k)
-    return out, inits
+def _head_tables(path) -> tuple[dict[str, np.ndarray], dict]:
+    """The head's MatMulNBits weights by table name, dequantized [N, K]; and the initializers."""
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return {node.input[1]: _dequantized(graph, node, inits) for node in graph.node
+            if node.op_type == "MatMulNBits" and node.input[1].startswith("head_t")}, inits
 
 
 def test_max_size_rounds_the_least_used_table_rows(gguf_file, full_and_split):

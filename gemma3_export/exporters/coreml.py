@@ -27,7 +27,7 @@ from torch import Tensor
 from ..cache import KVCache, RingKVCache
 from ..errors import UserError
 from ..model import Gemma3ForCausalLM
-from ..vocab_rows import split_record
+from ..vocab_rows import split_record, split_rows
 
 ARTIFACT = "model.mlpackage"
 MASK_FILL = -32752.0  # half of fp16's lowest value: finite, and softmax still gives it probability 0
@@ -248,6 +248,7 @@ def _default_tokenizer(config):
 # -- the table split by rows (`--max-size`, issue 10) ---------------------------------------------
 
 SPLIT_SCHEME = "int4b32"  # what the least used rows become
+SPLIT_BLOCK = COMPRESSION[SPLIT_SCHEME][1][1]
 # What a package holds besides its weights and scales (two MIL programs, metadata, blob alignment,
 # small float constants), from above: measured 1.75 MB on the 18-layer 270M at context 2048 (int8 and
 # int4b32, docs/coreml_bench.json) and 0.40 MB on the 6-layer tiny model at context 64.
@@ -260,11 +261,7 @@ class SplitTable(torch.nn.Module):
 
     def __init__(self, weight: Tensor, int4_rows: np.ndarray):
         super().__init__()
-        mask = torch.zeros(weight.shape[0], dtype=torch.bool)
-        mask[torch.as_tensor(np.asarray(int4_rows), dtype=torch.long)] = True
-        rows8, rows4 = torch.nonzero(~mask)[:, 0], torch.nonzero(mask)[:, 0]
-        slot = torch.empty(weight.shape[0], dtype=torch.long)
-        slot[torch.cat([rows8, rows4])] = torch.arange(weight.shape[0])
+        rows8, rows4, slot = (torch.from_numpy(a) for a in split_rows(weight.shape[0], int4_rows))
         self.rows8 = torch.nn.Parameter(weight.detach()[rows8].clone(), requires_grad=False)
         self.rows4 = torch.nn.Parameter(weight.detach()[rows4].clone(), requires_grad=False)
         self.register_buffer("slot", slot)
@@ -336,7 +333,7 @@ def rows_within(model: Gemma3ForCausalLM, scheme: str, budget: int, order, log) 
         raise UserError(f"--max-size {budget / 1e6:g} MB is below the smallest this export reaches "
                         f"({least / 1e6:.1f} MB with every table row at int4).")
     log(f"  about {size / 1e6:.1f} MB > --max-size {budget / 1e6:g} MB: the {n4} least used of {vocab} table rows "
-        f"({n4 / vocab:.0%}) to int4, blocks of 32")
+        f"({n4 / vocab:.0%}) to int4, blocks of {SPLIT_BLOCK}")
     return np.sort(np.asarray(order())[vocab - n4:])
 
 
@@ -353,11 +350,11 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
     scheme, C = spec.scheme.name, spec.chunk
     tokenizer = tokenizer or _default_tokenizer(model.config)
     split = {}
-    if getattr(spec, "max_size", None):
+    if spec.max_size:
         rows = rows_within(model, scheme, spec.max_size, spec.table_order, log)
         if rows is not None:
             split_table(model, rows)
-            split = {**split_record(spec.max_size, rows, model.config.vocab_size, 32), "ranking": spec.table_ranking}
+            split = {**split_record(spec.max_size, rows, model.config.vocab_size, SPLIT_BLOCK), "ranking": spec.table_ranking}
     prepare(model, spec.context)
     width = model.config.hidden_size if spec.vision else None  # vision bundles: image_embeds in
     programs = {"prefill": trace(model, C, bool(width)), "decode": trace(model, 1, bool(width))}
@@ -383,7 +380,7 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
     if split:
         fields["target_info"]["table_split"] = split
         fields["target_info"]["compression"]["weights"] += (
-            f"; {split['int4_rows']} least used of the table's {split['rows']} rows at int4 blocks of 32 (--max-size)")
+            f"; {split['int4_rows']} least used of the table's {split['rows']} rows at int4 blocks of {SPLIT_BLOCK} (--max-size)")
     return fields
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..vocab_rows import split_record
+from ..vocab_rows import split_record, split_rows
 
 OPSET = 21
 ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"
@@ -559,17 +559,18 @@ def _fuse_sibling_nbits(graph) -> int:
     from onnx import helper, numpy_helper
 
     inits = _initializers(graph)
-    attrs = lambda n: tuple(sorted((a.name, helper.get_attribute_value(a)) for a in n.attribute if a.name != "N"))  # noqa: E731
+    heads = {n.name for n in _heads(graph)}
     groups: dict[tuple, list] = {}
     for node in graph.node:
-        if node.op_type == "MatMulNBits" and not node.input[1].startswith("head_t") and all(i in inits for i in node.input[1:]):
-            groups.setdefault((node.input[0], len(node.input), attrs(node)), []).append(node)
+        if node.op_type == "MatMulNBits" and node.name not in heads and all(i in inits for i in node.input[1:]):
+            fmt = tuple(sorted((k, v) for k, v in _attrs(node).items() if k != "N"))
+            groups.setdefault((node.input[0], len(node.input), fmt), []).append(node)
     merged, replace = 0, {}
     for (x, _, _), nodes in groups.items():
         if len(nodes) < 2:
             continue
         name = f"{nodes[0].name}_fused"
-        n_of = [helper.get_attribute_value(next(a for a in n.attribute if a.name == "N")) for n in nodes]
+        n_of = [_attrs(n)["N"] for n in nodes]
         stacked = []
         for slot in range(1, len(nodes[0].input)):
             parts = [numpy_helper.to_array(inits[n.input[slot]]) for n in nodes]
@@ -578,7 +579,7 @@ def _fuse_sibling_nbits(graph) -> int:
             t = np.concatenate(parts, 0)
             stacked.append(f"{name}_{slot}")
             graph.initializer.append(numpy_helper.from_array(t.reshape(-1) if slot == 3 else t, stacked[-1]))
-        extra = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute if a.name != "N"}
+        extra = {k: v for k, v in _attrs(nodes[0]).items() if k != "N"}
         fused = helper.make_node("MatMulNBits", [x, *stacked], [f"{name}_out"], name=name, domain="com.microsoft",
                                  N=sum(n_of), **extra)
         graph.initializer.append(numpy_helper.from_array(np.array(n_of, np.int64), f"{name}_split"))
@@ -720,7 +721,7 @@ def _share_embedding_nbits(graph) -> None:
     (`split_table`) has two tables: each token gathers from the one that holds its row."""
     from onnx import helper, numpy_helper
 
-    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t")]
+    heads = _heads(graph)
     gather = _embedding_gather(graph)
     name, ids, out = gather.name, gather.input[1], gather.output[0]
     if len(heads) == 1:
@@ -751,6 +752,11 @@ def _attrs(node) -> dict:
     from onnx import helper
 
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _heads(graph) -> list:
+    """The LM head's MatMulNBits (its weight is the pre-transposed `head_t`): one, or two once `split_table` ran."""
+    return [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t")]
 
 
 def _gather_rows(graph, head, ids: str, out: str, name: str) -> list:
@@ -797,8 +803,10 @@ def split_table(graph, int4_rows: np.ndarray) -> None:
     (`_share_embedding_nbits`, called after this) gathers each token from the table that holds it."""
     from onnx import helper, numpy_helper
 
+    from ..gguf_grid import GGUFTensor
+
     inits = _initializers(graph)
-    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
+    (head,) = _heads(graph)
     attrs = _attrs(head)
     vocab, hidden, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
     if bits != 8:
@@ -806,12 +814,9 @@ def split_table(graph, int4_rows: np.ndarray) -> None:
     u = numpy_helper.to_array(inits[head.input[1]]).reshape(vocab, hidden)
     scales = numpy_helper.to_array(inits[head.input[2]]).reshape(vocab, -1)
     zp = numpy_helper.to_array(inits[head.input[3]]).reshape(vocab, -1) if len(head.input) > 3 else None
-    mask = np.zeros(vocab, bool)
-    mask[int4_rows] = True
-    rows8, rows4 = np.flatnonzero(~mask), np.flatnonzero(mask)
-    slot = np.empty(vocab, np.int32)
-    slot[np.concatenate([rows8, rows4])] = np.arange(vocab, dtype=np.int32)
-    w4 = _dequantize_rows(u[rows4], scales[rows4], None if zp is None else zp[rows4], block)
+    rows8, rows4, slot = split_rows(vocab, int4_rows)
+    # the values the head computes with: (u - zero point) x scale per block, as for a GGUF grid
+    w4 = GGUFTensor("", u[rows4], scales[rows4], None if zp is None else zp[rows4], 8, block, "").dequantize()
     codes, s4 = nbits_codes(torch.from_numpy(w4), 4, SPLIT_BLOCK)
     q4 = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(len(rows4), hidden).numpy()
     q4 = q4[:, 0::2] | (q4[:, 1::2] << 4)
@@ -832,7 +837,7 @@ def split_table(graph, int4_rows: np.ndarray) -> None:
         extra = {k: v for k, v in attrs.items() if k not in ("N", "bits", "block_size")}
         nodes.append(helper.make_node("MatMulNBits", [head.input[0], *names], [f"{out}_{name}"], name=f"{head.name}_{name}",
                                       domain="com.microsoft", **extra, N=len(b), bits=b_bits, block_size=b_block))
-    graph.initializer.append(numpy_helper.from_array(slot, TABLE_SLOT))
+    graph.initializer.append(numpy_helper.from_array(slot.astype(np.int32), TABLE_SLOT))
     nodes += [helper.make_node("Concat", [f"{out}_head_t_rows8", f"{out}_head_t_rows4"], [f"{out}_by_slot"],
                                name=f"{head.name}_concat", axis=-1),
               helper.make_node("Gather", [f"{out}_by_slot", TABLE_SLOT], [out], name=f"{head.name}_vocab_order", axis=-1)]
@@ -847,7 +852,7 @@ def _rows_within(budget: int, order: Callable[[], np.ndarray], record: dict, log
 
     def table_rows(graph) -> np.ndarray | None:
         table = _embedding_gather(graph).input[0]  # the float embedding, dropped once it gathers from the head
-        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
+        (head,) = _heads(graph)
         a = _attrs(head)
         vocab = a["N"]
         size = _saved_bytes(graph, without=table) + (1 << 14)  # room for the split's few nodes
@@ -884,13 +889,6 @@ def _saved_bytes(graph, without: str, whole: bool = True) -> int:
         pass
     parts = [*graph.initializer, *graph.node, *graph.value_info, *graph.input, *graph.output]
     return sum(x.ByteSize() + 12 for x in parts) - dropped.ByteSize()
-
-
-def _dequantize_rows(u: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, block: int) -> np.ndarray:
-    """fp32 values of 8-bit MatMulNBits rows u [n, K]: (u - zero point) x scale per block, as the kernel computes them."""
-    n, k = u.shape
-    z = np.float32(128) if zp is None else zp.astype(np.float32)[..., None]
-    return ((u.reshape(n, k // block, block).astype(np.float32) - z) * scales[..., None]).reshape(n, k)
 
 
 def quantize_fp8(proto, codes: Callable | None = None):
