@@ -7,7 +7,7 @@ measurable here) scored as gguf_mix.py scores: top-1 agreement and KL against th
     python benchmarks/coreml_table_split.py [--budget 260MB] [--json docs/coreml_table_split.json]
 
 The split rows are the ones `--max-size BUDGET` picks (the same ranking and calibration cache as the
-export: pipeline._rank_table).
+export: pipeline._calibrate).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     from gemma3_export.exporters import coreml as cm
     from gemma3_export.load import load_model
-    from gemma3_export.pipeline import _rank_table, parse_size
+    from gemma3_export.pipeline import _calibrate, parse_size
     from gemma3_export.validate import validation_ids
 
     torch.set_num_threads(2)
@@ -42,7 +42,7 @@ def main() -> None:
     ids = torch.tensor([validation_ids(loaded.tokenizer, args.length)])
     with torch.no_grad():
         ref = model(ids)[0].log_softmax(-1)
-    order = _rank_table(loaded, "270m", None, None, ROOT / "bundles/calibration", log=print)["table_order"]
+    order = _calibrate(loaded, "270m", None, None, ROOT / "bundles/calibration", log=print)["table_order"]
     budget = parse_size(args.budget)
     rows = []
     for scheme in ("int8", "int8b32", "int4b32"):

@@ -8,7 +8,7 @@ model).
 
     python benchmarks/gguf_vocab_split.py [--fractions ...] [--json docs/gguf_vocab_split.json]
 
-Calibration: exactly what `--max-size` ranks on (pipeline._rank_table): 16 sequences of 96 tokens
+Calibration: exactly what `--max-size` ranks on (pipeline._calibrate): 16 sequences of 96 tokens
 sampled from the float model itself (temperature 1; qat_data.self_generated, cached under
 bundles/calibration, shared with the export), disjoint from the scored text. A row's importance: the
 largest probability the float model gives its token at any calibration
@@ -59,11 +59,11 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     from gemma3_export.load import load_model
-    from gemma3_export.pipeline import _rank_table
+    from gemma3_export.pipeline import _calibrate
 
     grid, ids, ref, base = setup(args.length)
     loaded = load_model("270m", log=lambda *_: None)
-    ranked = _rank_table(loaded, "270m", None, None, ROOT / "bundles/calibration", log=print)  # as --max-size ranks
+    ranked = _calibrate(loaded, "270m", None, None, ROOT / "bundles/calibration", log=print)  # as --max-size ranks
     vocab, hidden = base.config.vocab_size, base.config.hidden_size
     orders = {"least used": torch.from_numpy(ranked["table_order"]()),
               "tokenizer order": torch.from_numpy(prior_order(loaded.tokenizer)),

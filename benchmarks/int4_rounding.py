@@ -3,7 +3,8 @@ int4b32 does; asymmetric with an integer zero point) against torchao's HQQ (half
 optimisation of scale and zero point, CPU), every layer tensor at 4 bits in blocks of 32, the tied
 embedding/head kept in the GGUF's Q8_0 blocks. Eager simulations of the `gguf` reference
 (int8 activations per block, as accuracy_level 4 computes), 512 teacher-forced positions against the
-float model (the GGUF dequantized).
+float model (the GGUF dequantized). Then the tied table at int4 too (rows marked `table_too`): alone,
+and with the layers, symmetric or asymmetric (why `int4b32-asym` keeps its table symmetric).
 
     python benchmarks/int4_rounding.py [--length 512] [--json docs/int4_rounding.json]
 
@@ -77,6 +78,17 @@ def main() -> None:
         zp = n_layer / BLOCK / 2 if zero_points else 0
         rows.append({"method": label, "size_mb": round((table + n_layer / 2 + n_layer / BLOCK * 4 + zp) / 1e6, 1),
                      **score(base, dict.fromkeys(layers, method), ids, ref)})
+        print(json.dumps(rows[-1]), flush=True)
+    # The tied table too (int4b32-asym keeps it symmetric: is an asymmetric table better?)
+    sym, asym = METHODS["round to nearest, symmetric (int4b32)"][0], rtn_asymmetric
+    for label, rounding in (
+        ("table only, symmetric", {EMBED: sym}),
+        ("table only, asymmetric", {EMBED: asym}),
+        ("every matrix symmetric (int4b32)", {**dict.fromkeys(layers, sym), EMBED: sym}),
+        ("every matrix asymmetric", {**dict.fromkeys(layers, asym), EMBED: asym}),
+        ("layers asymmetric, table symmetric (int4b32-asym)", {**dict.fromkeys(layers, asym), EMBED: sym}),
+    ):
+        rows.append({"method": label, "table_too": True, **score(base, rounding, ids, ref)})
         print(json.dumps(rows[-1]), flush=True)
     write(args.json, args.length, rows)
 

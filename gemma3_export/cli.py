@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check")
     p.add_argument("--recipe", help="TOML file whose [export] values are defaults; flags override them")
     p.add_argument("--vision", action="store_true", help="also export the image encoder as a second artifact (4b, 12b, 27b)")
-    p.add_argument("--max-size", help="largest artifact, e.g. 260MB: round the least used table rows to int4 until it fits (--quant gguf)")
-    p.add_argument("--data", nargs="+", metavar="FILE", help="text or JSONL files that rank the table rows for --max-size "
+    p.add_argument("--max-size", help="largest artifact, e.g. 260MB: with gguf/int8 schemes round the least used table "
+                   "rows to int4 until it fits; with int4b32[-asym] raise the most sensitive matrices to int8 while it fits")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="text or JSONL files --max-size measures on "
                    "(default: text sampled from the float model)")
 
     p = sub.add_parser("generate", help="stream a continuation of a prompt")

@@ -77,9 +77,12 @@ class ExportSpec:
     # --max-size (bytes): the least used rows of the tied table are rounded to int4 until the artifact
     # fits; `table_order()` ranks the rows (vocab_rows.row_order, most used first; computed when first
     # called), `table_ranking` says on what
+    # On int4 schemes it raises the matrices whose rounding costs most to int8 while the artifact fits
+    # (sensitivity.py), measured on `calibration()` (token sequences; computed when first called).
     max_size: int | None = None
     table_order: Callable[[], Any] | None = None
     table_ranking: str | None = None
+    calibration: Callable[[], list[list[int]]] | None = None
 
 
 # Targets that export the vision encoder (a second artifact, `export_vision` in the exporter) so far.
@@ -123,16 +126,17 @@ def make_spec(model: str, target: str, quant: str | None, context: int | None, c
     budget = parse_size(max_size) if max_size is not None else None
     if budget is not None and (target, scheme.name) not in MAX_SIZE_SCHEMES:
         takers = ", ".join(f"--target {t} --quant {q}" for t, q in MAX_SIZE_SCHEMES)
-        raise UserError(f"--max-size rounds 8-bit table rows to int4; it takes {takers}, not --target {target} "
-                        f"--quant {scheme.name}.")
+        raise UserError(f"--max-size takes {takers}, not --target {target} --quant {scheme.name}.")
     if budget is not None and vision:
         raise UserError("--max-size splits the text table of text-only exports so far; drop --vision or --max-size.")
     return ExportSpec(context=context, chunk=chunk, scheme=scheme, vision=vision_config, max_size=budget)
 
 
 # Where `--max-size` applies: the exports whose 8-bit tied table it can split by rows (`split_table` in
-# exporters/onnx.py and exporters/coreml.py).
-MAX_SIZE_SCHEMES = (("onnx", "gguf"), ("coreml", "int8"), ("coreml", "int8b32"))
+# exporters/onnx.py and exporters/coreml.py), and the int4 exports whose most sensitive matrices it
+# raises to int8 (`mixed_packs` in exporters/onnx.py, sensitivity.py).
+MAX_SIZE_SCHEMES = (("onnx", "gguf"), ("onnx", "int4b32"), ("onnx", "int4b32-asym"), ("coreml", "int8"),
+                    ("coreml", "int8b32"))
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
@@ -187,7 +191,7 @@ def export(
 
     spec = make_spec(model, target, quant, context, chunk, vision, max_size)
     if data and spec.max_size is None:
-        raise UserError("--data ranks the table rows for --max-size; give --max-size too.")
+        raise UserError("--data is the calibration text of --max-size; give --max-size too.")
     texts = read_texts(data) if data else None  # bad data stops us before the model loads
     exporter = _resolve(EXPORTERS, target)
     loaded = load_model(model, checkpoint=checkpoint, random_weights=random_weights, log=log)
@@ -196,13 +200,16 @@ def export(
         encoder = load_vision(model, loaded.model.config.hidden_size, checkpoint, random_weights, log=log)
         loaded.model.model.image_token_id = spec.vision.image_token_index
     if loaded.grid is not None:
+        if spec.max_size is not None:
+            raise UserError("--max-size mixes or rounds the weights again; a QAT checkpoint's grid is stored as it is, "
+                            "so export it without --max-size.")
         spec = grid_spec(spec, target, quant, loaded.grid)
         log(f"  the checkpoint's {loaded.grid.scheme.name} QAT grid is stored as it is ({spec.scheme.name})")
     elif spec.scheme.name == "gguf":
         spec = replace(spec, grid=gguf_grid(loaded))
     out = Path(out or f"bundles/gemma3-{model}-{target}-{spec.scheme.name}")  # the scheme a grid chose
     if spec.max_size is not None:
-        spec = replace(spec, **_rank_table(loaded, model, data, texts, out.parent / "calibration", log))
+        spec = replace(spec, **_calibrate(loaded, model, data, texts, out.parent / "calibration", log))
     config = loaded.model.config
     with staged(out) as folder:
         log(f"exporting {model} to {target} ({spec.scheme.name}, context {spec.context}, chunk {spec.chunk})")
@@ -273,11 +280,11 @@ def gguf_grid(loaded) -> dict:
     return read_gguf_grid(loaded.gguf_path)
 
 
-def _rank_table(loaded, model: str, data, texts, cache_dir: Path, log) -> dict:
-    """`table_order` (a function: the table's rows, most used first, by vocab_rows) and `table_ranking`
-    (what it ranks on) of the spec. The ranking runs at the first call, so an export that fits without
-    a split never samples the float model (minutes); it ranks on the user's text, or on text sampled
-    from the float model (cached in `cache_dir`)."""
+def _calibrate(loaded, model: str, data, texts, cache_dir: Path, log) -> dict:
+    """The spec's `calibration` (a function: the calibration text as token sequences), `table_order`
+    (the table's rows, most used first, by vocab_rows) and `table_ranking` (what both are measured on).
+    The text is the user's, or text sampled from the float model (cached in `cache_dir`); each function
+    runs at its first call, so an export that fits without them never samples the model (minutes)."""
     from .qat_data import self_generated
     from .vocab_rows import importance, row_order
 
@@ -288,16 +295,19 @@ def _rank_table(loaded, model: str, data, texts, cache_dir: Path, log) -> dict:
         how = f"{CALIBRATION_SEQUENCES * CALIBRATION_SEQ_LEN} tokens sampled from the float model (seed 0)"
 
     @functools.cache
-    def table_order():
+    def calibration() -> list[list[int]]:
         if texts:
-            tokens = [stream[i : i + CALIBRATION_SEQ_LEN] for i in range(0, len(stream), CALIBRATION_SEQ_LEN)]
-        else:
-            tokens = self_generated(loaded.model, loaded.tokenizer, CALIBRATION_SEQUENCES, CALIBRATION_SEQ_LEN, 0,
-                                    cache_dir, f"{model}: {loaded.source}", log=log)[0].tolist()
+            return [stream[i : i + CALIBRATION_SEQ_LEN] for i in range(0, len(stream), CALIBRATION_SEQ_LEN)]
+        return self_generated(loaded.model, loaded.tokenizer, CALIBRATION_SEQUENCES, CALIBRATION_SEQ_LEN, 0,
+                              cache_dir, f"{model}: {loaded.source}", log=log)[0].tolist()
+
+    @functools.cache
+    def table_order():
+        tokens = calibration()
         log(f"ranking the table's rows on {how}")
         return row_order(loaded.tokenizer, importance(loaded.model, tokens, log=log))
 
-    return {"table_order": table_order, "table_ranking": how}
+    return {"calibration": calibration, "table_order": table_order, "table_ranking": how}
 
 
 # Calibration text for `--max-size`'s ranking (benchmarks/gguf_vocab_split.py measured 16 x 96).

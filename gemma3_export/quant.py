@@ -27,6 +27,7 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("int8", "per-channel int8 weights", 8),
         Scheme("int4", "per-channel int4 weights (the report's Int4)", 4),
         Scheme("int4b32", "int4 weights in blocks of 32 (the report's Int4 blocks=32)", 4, 32),
+        Scheme("int4b32-asym", "int4 weights in blocks of 32 with a zero point per block (the tied table symmetric)", 4, 32),
         Scheme("int8b32", "int8 weights in blocks of 32 (Q8_0's grid)", 8, 32),
         Scheme("8da4w", "int8 dynamic activations x int4 weights in blocks of 32 (XNNPACK)", 4, 32),
         Scheme("8da4w-pc", "int8 dynamic activations x per-channel int4 weights (XNNPACK)", 4),
@@ -39,9 +40,9 @@ SCHEMES: dict[str, Scheme] = {
 # Which scheme each target lowers correctly on this stack. ExecuTorch refuses weight-only schemes:
 # they lower to XNNPACK with silently wrong numbers (STACK.md); its int8/int4 are the 8da forms.
 TARGET_SCHEMES: dict[str, tuple[str, ...]] = {
-    "onnx": ("fp32", "fp16", "int8", "int4", "int4b32", "fp8", "gguf"),
+    "onnx": ("fp32", "fp16", "int8", "int4", "int4b32", "int4b32-asym", "fp8", "gguf"),
     "executorch": ("fp32", "8da4w", "8da4w-pc", "8da8w"),
-    "coreml": ("fp16", "fp32", "int8", "int8b32", "int4", "int4b32"),
+    "coreml": ("fp16", "fp32", "int8", "int8b32", "int4", "int4b32", "int4b32-asym"),
 }
 
 DEFAULT_SCHEME = {"onnx": "fp32", "executorch": "8da4w", "coreml": "fp16"}
@@ -50,6 +51,7 @@ _WHY_NOT = {
     ("executorch", "int8"): "weight-only linears lower to XNNPACK with wrong numbers; use 8da8w",
     ("executorch", "int4"): "weight-only linears lower to XNNPACK with wrong numbers; use 8da4w-pc",
     ("executorch", "int4b32"): "weight-only linears lower to XNNPACK with wrong numbers; use 8da4w",
+    ("executorch", "int4b32-asym"): "XNNPACK lowers int4 blocks with zero points to wrong numbers (it keeps only the scales); use 8da4w",
     ("executorch", "fp8"): "fp8 weights do not lower to ExecuTorch",
     ("executorch", "fp16"): "this stack's XNNPACK path is measured in fp32 only",
     ("coreml", "fp8"): "Core ML has no fp8 weight type",

@@ -71,6 +71,8 @@ def _simulate_options(bundle: Bundle) -> dict:
         from .vocab_rows import int4_rows_of
 
         options["int4_rows"] = int4_rows_of(info["table_split"])
+    if "mix" in info:  # --max-size on an int4 scheme: these matrices were raised to int8
+        options["raised"] = info["mix"]["raised"]
     return options
 
 

@@ -58,7 +58,8 @@ def load(path):
     return ct.models.MLModel(str(path), skip_model_load=True)
 
 
-@pytest.mark.parametrize("scheme, dtype", [("int8", "int8"), ("int8b32", "int8"), ("int4", "int4"), ("int4b32", "int4")])
+@pytest.mark.parametrize("scheme, dtype", [("int8", "int8"), ("int8b32", "int8"), ("int4", "int4"), ("int4b32", "int4"),
+                                           ("int4b32-asym", "int4")])
 def test_int_schemes_compress_every_weight(functions, tmp_path, scheme, dtype):
     from gemma3_export.exporters.coreml import save_function
     from gemma3_export.runtimes.coreml import describe_package
@@ -66,11 +67,38 @@ def test_int_schemes_compress_every_weight(functions, tmp_path, scheme, dtype):
     save_function(load(functions[1]["decode"]), scheme, tmp_path / "decode.mlpackage")
     d = describe_package(tmp_path / "decode.mlpackage")
     n = weight_elements()
-    assert d["weight_elements"][dtype] == n  # every linear and the tied embedding, once
+    table = tiny_model().model.embed_tokens.weight.numel()
+    offsets = (n - table) // 32 if scheme == "int4b32-asym" else 0  # an int4 zero point per block of the layers
+    assert d["weight_elements"][dtype] == n + offsets  # every linear and the tied embedding, once
     assert d["functions"]["main"]["op_types"] == {"constexpr_blockwise_shift_scale": 43}  # 7 x 6 + embedding
     assert d["weight_elements"].get("float16", 0) < n / 16  # only the scales and small tensors stay fp16
     scales = n // (32 if scheme.endswith("b32") else 64) * 2
     assert d["weight_file_bytes"] < 1.15 * (n * int(dtype[3:]) / 8 + scales) + 16_384
+
+
+def test_int4b32_asym_package_holds_the_simulated_grid(functions, tmp_path):
+    """Layers with an int4 zero point per block of 32, the tied table symmetric: exactly `simulate`'s weights."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    from gemma3_export.exporters.coreml import save_function, simulate
+    from gemma3_export.runtimes.coreml import package_weights
+
+    path = save_function(load(functions[1]["decode"]), "int4b32-asym", tmp_path / "decode.mlpackage")
+    spec = ct.utils.load_spec(str(path))
+    prog = milproto_load(spec, spec.specificationVersion, str(path / "Data" / "com.apple.CoreML" / "weights"))
+    offsets = {op.name: op.offset is not None for op in prog.functions["main"].operations
+               if op.op_type == "constexpr_blockwise_shift_scale"}
+    table = [name for name in offsets if "lm_head" in name]
+    assert len(table) == 1 and not offsets[table[0]] and sum(offsets.values()) == 42  # 7 x 6 layers' weights
+    stored = package_weights(path, function="main")
+    sim = dict(simulate(tiny_model(), "int4b32-asym").named_parameters())
+    weights = {n: w for n, w in stored.items() if "_quantized_" not in n}  # not the codes/scales consts
+    assert len(weights) == 43
+    for name, w in weights.items():
+        key = "model.embed_tokens.weight" if name == "p_lm_head_weight" else name.removeprefix("p_").replace("_proj_weight", "_proj.weight")
+        key = key.replace("model_layers_", "model.layers.").replace("_self_attn_", ".self_attn.").replace("_mlp_", ".mlp.")
+        assert torch.equal(w, sim[key].float()), name
 
 
 def test_multifunction_package_stores_the_weights_once(functions, tmp_path):

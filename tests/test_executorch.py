@@ -300,6 +300,21 @@ def test_isolated_embedding_lowers_like_eager(scheme):
     assert torch.equal(lowered_output(emb.requires_grad_(False), x), emb(x))
 
 
+def test_asymmetric_int4_is_refused_because_it_lowers_wrong():
+    """Why int4b32-asym is refused: torchao's 8da4w with zero points lowers to an XNNPACK delegate whose
+    output is far off its eager torchao output (the blockwise weights keep scales only). Should this
+    start passing, the scheme can be offered."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, MappingType, PerGroup
+
+    with pytest.raises(UserError, match="The executorch target does not take int4b32-asym .XNNPACK lowers int4 blocks"):
+        check_scheme("executorch", "int4b32-asym")
+    linear = quantized_linear(Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=PerGroup(32), weight_mapping_type=MappingType.ASYMMETRIC))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    got, ref = lowered_output(linear, x), linear(x)
+    assert (got - ref).abs().max() > 0.05 * ref.abs().max()  # measured 0.28 of 2.05
+
+
 def test_weight_only_schemes_are_refused_because_they_lower_wrong():
     """Why int8/int4/int4b32 are refused: a weight-only linear lowered to XNNPACK is far off its eager
     torchao output (STACK.md). Should this start passing, the refusal can be revisited."""

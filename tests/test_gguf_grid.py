@@ -239,15 +239,15 @@ def test_max_size_mistakes_end_in_one_sentence(gguf_file, tmp_path, capsys):
         ("--max-size", "0.5MB"): "is below the smallest this export reaches",
         ("--max-size", "lots"): "--max-size takes a size such as 260MB",
         ("--data", str(tmp_path / "missing.txt"), "--max-size", "1GB"): "No data file at",
-        ("--data", str(gguf_file)): "--data ranks the table rows for --max-size; give --max-size too.",
+        ("--data", str(gguf_file)): "--data is the calibration text of --max-size; give --max-size too.",
     }
     for extra, message in cases.items():
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
-    assert main(["--model", "tiny", "--target", "onnx", "--quant", "int4b32", "--max-size", "1MB",
+    assert main(["--model", "tiny", "--target", "onnx", "--quant", "int4", "--max-size", "1MB",
                  "--out", str(tmp_path / "x")]) == 2
-    assert "--max-size rounds 8-bit table rows to int4; it takes --target onnx --quant gguf" in capsys.readouterr().err
+    assert "--max-size takes --target onnx --quant gguf, --target onnx --quant int4b32" in capsys.readouterr().err
     assert main(["--model", "tiny", "--target", "coreml", "--quant", "int8", "--vision", "--max-size", "1MB",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--max-size splits the text table of text-only exports so far" in capsys.readouterr().err

@@ -265,6 +265,36 @@ def test_int4b32_stores_the_simulated_grid_once():
         assert any(s.shape == want.shape and np.array_equal(s, want) for s in stored)
 
 
+def test_int4b32_asym_stores_zero_points_for_the_layers_and_a_symmetric_table(small, tmp_path):
+    model, _, _ = small
+    onnx_export.export(model, tmp_path, make_spec("tiny", "onnx", "int4b32-asym", CONTEXT, CHUNK), log=lambda *_: None)
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    stored, head = [], None
+    for n in graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        packed, scales = _initializer(graph, n.input[1]), _initializer(graph, n.input[2])
+        rows, blocks = scales.shape
+        u = np.stack([packed & 0xF, packed >> 4], -1).reshape(rows, -1).astype(np.float32)
+        if n.input[1].startswith("head_t"):
+            assert len(n.input) == 3  # no zero points: the embedding gathers this table
+            head = (u - 8) * np.repeat(scales, 32, axis=1)
+            continue
+        zp = _initializer(graph, n.input[3]).reshape(rows, -1)
+        zp = np.stack([zp & 0xF, zp >> 4], -1).reshape(rows, -1)[:, :blocks].astype(np.float32)
+        assert (zp != 8).any()  # real zero points, not the symmetric default
+        stored += [w for (w,) in split_siblings(graph, n, (u - np.repeat(zp, 32, axis=1)) * np.repeat(scales, 32, axis=1))]
+    layers = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    for w in layers:  # exactly the simulated asymmetric grid
+        want = onnx_export.fake_nbits_asym(w, 4, 32).numpy()
+        assert any(s.shape == want.shape and np.array_equal(s, want) for s in stored)
+    assert np.array_equal(head, onnx_export.fake_nbits(model.lm_head.weight, 4, 32).numpy())
+    # What the zero point buys: a block that is not centred on 0 keeps 16 levels over its range, not ~8.
+    skewed = torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) + 0.5
+    err_asym = (onnx_export.fake_nbits_asym(skewed, 4, 32) - skewed).abs().mean()
+    assert err_asym < 0.6 * (onnx_export.fake_nbits(skewed, 4, 32) - skewed).abs().mean()
+
+
 # -- every scheme on a smaller model, one float graph shared ----------------------------------------
 
 
@@ -297,7 +327,7 @@ def agreement(got: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, floa
     return float(top1), float(kl)
 
 
-@pytest.mark.parametrize("scheme, bits_per_weight", [("int8", 8), ("int4", 4), ("int4b32", 4), ("fp8", 8)])
+@pytest.mark.parametrize("scheme, bits_per_weight", [("int8", 8), ("int4", 4), ("int4b32", 4), ("int4b32-asym", 4), ("fp8", 8)])
 def test_scheme_matches_its_simulation(small, tmp_path, scheme, bits_per_weight):
     """At accuracy_level 0 (fp32 compute) the artifact is its simulation up to float rounding."""
     model, spec, proto = small
@@ -346,7 +376,7 @@ def test_int8_compute_is_simulated_per_weight_block(bits, block, k):
     assert err_simulated <= 1e-5 * np.abs(simulated).max() and err_simulated * 100 < err_float_inputs
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "int4b32"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4b32", "int4b32-asym"])
 def test_accuracy_level_4_is_the_default_and_simulated(small, tmp_path, scheme):
     model, spec, proto = small
     info = onnx_export.export(model, tmp_path, make_spec("tiny", "onnx", scheme, CONTEXT, CHUNK), log=lambda *_: None)
@@ -384,5 +414,5 @@ def test_accuracy_level_is_refused_for_float_schemes(small, tmp_path):
     from gemma3_export.errors import UserError
 
     model, _, _ = small
-    with pytest.raises(UserError, match="accuracy_level applies to int8, int4, int4b32, gguf, not fp32"):
+    with pytest.raises(UserError, match="accuracy_level applies to int8, int4, int4b32, int4b32-asym, gguf, not fp32"):
         onnx_export.export(model, tmp_path, make_spec("tiny", "onnx", "fp32", CONTEXT, CHUNK), accuracy_level=4)

@@ -32,7 +32,11 @@ from ..vocab_rows import split_record, split_rows
 ARTIFACT = "model.mlpackage"
 MASK_FILL = -32752.0  # half of fp16's lowest value: finite, and softmax still gives it probability 0
 # scheme -> (bits, block sizes over a [rows, cols] weight: 1 = per row, 0 = whole axis)
-COMPRESSION = {"int8": (8, [1, 0]), "int8b32": (8, [1, 32]), "int4": (4, [1, 0]), "int4b32": (4, [1, 32])}
+COMPRESSION = {"int8": (8, [1, 0]), "int8b32": (8, [1, 32]), "int4": (4, [1, 0]), "int4b32": (4, [1, 32]),
+               "int4b32-asym": (4, [1, 32])}
+# coremltools' mode per scheme: "linear" stores an int4 zero point per block (constexpr_blockwise_shift_scale's
+# offset). int4b32-asym keeps the tied table symmetric, as on ONNX (quant.py: one meaning per scheme name).
+MODES = {"int4b32-asym": "linear"}
 
 
 # -- the exportable model: cache swaps --------------------------------------------------------------
@@ -184,8 +188,8 @@ def compress(mlmodel, scheme: str):
 
     def op_config(scheme: str):
         bits, blocks = COMPRESSION[scheme]
-        return OpLinearQuantizerConfig(mode="linear_symmetric", dtype=f"int{bits}", granularity="per_block",
-                                       block_size=blocks, weight_threshold=1)
+        return OpLinearQuantizerConfig(mode=MODES.get(scheme, "linear_symmetric"), dtype=f"int{bits}",
+                                       granularity="per_block", block_size=blocks, weight_threshold=1)
 
     config = OptimizationConfig(op_name_configs={name: op_config(weight_scheme(name, scheme))
                                                  for name in weight_consts(mlmodel)})
@@ -193,8 +197,12 @@ def compress(mlmodel, scheme: str):
 
 
 def weight_scheme(name: str, scheme: str) -> str:
-    """The grid of one weight: the split table's int4 rows (`SplitTable.rows4`) are int4b32, the rest `scheme`."""
-    return SPLIT_SCHEME if "rows4" in name else scheme  # const names: p_..._table_rows4[_to_fp16]
+    """The grid of one weight (a const or a parameter name): the split table's int4 rows
+    (`SplitTable.rows4`) are int4b32, int4b32-asym's tied table is int4b32, the rest `scheme`."""
+    if "rows4" in name:  # const names: p_..._table_rows4[_to_fp16]
+        return SPLIT_SCHEME
+    table = any(t in name for t in ("lm_head", "embed_tokens", "table"))
+    return "int4b32" if scheme == "int4b32-asym" and table else scheme
 
 
 def _grid(weight: Tensor, scheme: str) -> Tensor:
@@ -203,7 +211,8 @@ def _grid(weight: Tensor, scheme: str) -> Tensor:
 
     bits, blocks = COMPRESSION[scheme]
     w16 = weight.detach().to(torch.float16).numpy()
-    params = lq.blockwise_compress(w16, nbits=bits, mode="LINEAR_SYMMETRIC", signed=True, block_sizes=blocks)
+    mode = MODES.get(scheme, "linear_symmetric").upper()
+    params = lq.blockwise_compress(w16, nbits=bits, mode=mode, signed=True, block_sizes=blocks)
     return torch.from_numpy(np.asarray(lq.decompress(params), dtype=np.float32))
 
 
@@ -428,8 +437,11 @@ def _compression_info(scheme: str) -> dict | None:
     if scheme not in COMPRESSION:
         return None
     bits, blocks = COMPRESSION[scheme]
-    return {"tool": "coremltools.optimize.coreml.linear_quantize_weights", "mode": "linear_symmetric",
-            "dtype": f"int{bits}", "block_sizes": blocks, "weights": "every linear and the tied embedding"}
+    weights = "every linear and the tied embedding"
+    if scheme in MODES:
+        weights = "every linear; the tied embedding/head table linear_symmetric"
+    return {"tool": "coremltools.optimize.coreml.linear_quantize_weights", "mode": MODES.get(scheme, "linear_symmetric"),
+            "dtype": f"int{bits}", "block_sizes": blocks, "weights": weights}
 
 
 def _check_text() -> str:

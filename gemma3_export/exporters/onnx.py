@@ -13,7 +13,8 @@ Schemes (quant.py):
 - fp16: fp16 weights and matmuls, fp32 norms, residual stream, softmax and mask; fp16 cache. Linear
   inputs are clamped to the fp16 range (Gemma's activations pass 65,504, GEMMA3.md).
 - int8 / int4 / int4b32: onnxruntime.quantization's MatMulNBits (symmetric; per channel = one block
-  spanning K), computing with int8 inputs (accuracy_level 4, ACCURACY_LEVEL below). The head is exported as a separate pre-transposed MatMul so the quantizer sees a
+  spanning K); int4b32-asym: the layers' weights with a 4-bit zero point per block (`nbits_codes_asym`),
+  the tied table symmetric, computing with int8 inputs (accuracy_level 4, ACCURACY_LEVEL below). The head is exported as a separate pre-transposed MatMul so the quantizer sees a
   constant weight (STACK.md); the embedding then gathers from that same packed table through
   GatherBlockQuantized: the tied weight is stored once, quantized.
 - fp8: float8e4m3fn initializers with per-output-channel scales through DequantizeLinear; the
@@ -35,7 +36,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,11 @@ from ..vocab_rows import split_record, split_rows
 OPSET = 21
 ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to an external data file (protobuf stops at 2 GB)
-NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32)}  # bits, block (None: per channel)
+NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32), "int4b32-asym": (4, 32)}  # bits, block (None: per channel)
+# Layers with an integer zero point per block (the fast kernels' form); the tied table stays symmetric:
+# the embedding gathers the head's table, and GatherBlockQuantized takes zero points only as one byte per
+# block (MatMulNBits packs two), while an asymmetric table measured no better (docs/quantization.md).
+ASYMMETRIC = ("int4b32-asym",)
 MATMUL_NBITS = (*NBITS, "gguf")  # gguf: each weight's own GGUF blocks (gguf_grid.py)
 # MatMulNBits' accuracy_level: 4 = int8 compute (each linear's input quantized to int8 per weight block,
 # as llama.cpp and onnxruntime-genai's builder run int4), 0 = dequantize and compute in fp32. onnxruntime's
@@ -229,6 +234,25 @@ def fake_nbits(w: Tensor, bits: int, block: int) -> Tensor:
     return (codes * scale).view(w.shape[0], -1)[:, : w.shape[1]].to(w.dtype)
 
 
+def nbits_codes_asym(w: Tensor, bits: int, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric round-to-nearest of w [N, K] (K a multiple of `block`): per block, the range from
+    min(w, 0) to max(w, 0) in 2^bits - 1 steps and an integer zero point, as MatMulNBits' uint8 zero
+    points hold it. Returns codes u [N, nb, block] in 0..2^bits-1, scales and zero points [N, nb, 1]."""
+    top = 2**bits - 1
+    wb = w.float().unflatten(-1, (-1, block))
+    lo, hi = wb.amin(-1, keepdim=True).clamp(max=0), wb.amax(-1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / top
+    inv = torch.where(scale == 0, 0, 1 / scale)
+    zero = torch.round(-lo * inv).clamp(0, top)
+    return torch.round(wb * inv + zero).clamp(0, top), scale, zero
+
+
+def fake_nbits_asym(w: Tensor, bits: int, block: int) -> Tensor:
+    """w [N, K] quantized and dequantized on the grid of `nbits_codes_asym`."""
+    u, scale, zero = nbits_codes_asym(w, bits, block)
+    return ((u - zero) * scale).flatten(-2).to(w.dtype)
+
+
 def fp8_codes(w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row e4m3 codes and scales of w [N, K]: (codes float8 [N, K], scale float32 [N])."""
     amax = w.float().abs().amax(-1)
@@ -270,12 +294,13 @@ class SplitHead(nn.Module):
 
 
 def simulate(model: nn.Module, scheme: str, grid=None, accuracy_level: int = ACCURACY_LEVEL,
-             int4_rows: np.ndarray | None = None) -> nn.Module:
+             int4_rows: np.ndarray | None = None, raised: Collection[str] = ()) -> nn.Module:
     """A copy of the eager model on the artifact's grid: weights quantized and dequantized exactly as
     the ONNX export stores them (fp16: the same fp16 modules). A QAT checkpoint's weights already lie
     on the grid the export imports: they stay as they are. MatMulNBits schemes at `accuracy_level` 4
     also quantize each linear's input as onnxruntime does (`fake_int8_blocks`, per weight block).
-    `int4_rows` (gguf, `--max-size`): those rows of the tied table rounded again to int4 (`split_table`)."""
+    `int4_rows` (gguf, `--max-size`): those rows of the tied table rounded again to int4 (`split_table`).
+    `raised` (int4b32 schemes, `--max-size`): matrices stored as int8 blocks of 32 (`mixed_packs`)."""
     sim = copy.deepcopy(model)
     if scheme == "gguf":  # the GGUF's blocks as stored; what has no MatMulNBits form is rounded to int8
         with torch.no_grad():
@@ -298,16 +323,23 @@ def simulate(model: nn.Module, scheme: str, grid=None, accuracy_level: int = ACC
         return sim
     if scheme == "fp16":
         return _to_half(sim)
+    fake = None  # fake(name, w): the stored grid of matrix `name`
     if scheme == "fp8":
-        fake = fake_fp8
+        fake = lambda name, w: fake_fp8(w)  # noqa: E731
+    elif scheme in MIX_SCHEMES:
+        low = fake_low(scheme)
+        fake = lambda name, w: fake_nbits(w, *HIGH) if name in raised else low(name, w)  # noqa: E731
     elif scheme in NBITS:
         bits = NBITS[scheme][0]
-        fake = lambda w: fake_nbits(w, bits, block_for(scheme, w.shape[1]))  # noqa: E731
-    if scheme != "fp32" and grid is None:
+        fake = lambda name, w: fake_nbits(w, bits, block_for(scheme, w.shape[1]))  # noqa: E731
+    if fake is not None and grid is None:
         with torch.no_grad():
-            for module in sim.modules():
-                if isinstance(module, nn.Linear):  # the head is tied: the embedding follows it
-                    module.weight.copy_(fake(module.weight))
+            for name, w in sim.named_parameters():  # every linear; the tied table once
+                if w.dim() == 2:
+                    w.copy_(fake(name, w))
+            if scheme in MIX_SCHEMES and int4_rows is not None and len(int4_rows):  # a table split by rows
+                table, rows = sim.model.embed_tokens.weight, torch.as_tensor(np.asarray(int4_rows), dtype=torch.long)
+                table[rows] = fake_nbits(table[rows], 4, SPLIT_BLOCK)  # both parts see blocks of 32: no SplitHead
     if scheme in NBITS and accuracy_level == 4:
         for module in sim.modules():
             if isinstance(module, nn.Linear):
@@ -346,11 +378,17 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
         codes = grid_codes(model, spec.grid)
         pack = (lambda w: _signed(NBITS[scheme][0], *codes(w))) if scheme in NBITS else None  # noqa: E731
     split: dict = {}
-    table_rows = _rows_within(spec.max_size, spec.table_order, split, log) if spec.max_size else None
+    table_rows = _rows_within(spec.max_size, spec.table_order, split, log) if spec.max_size and scheme == "gguf" else None
+    if scheme in MIX_SCHEMES and spec.grid is None and (spec.max_size or scheme in ASYMMETRIC):
+        pack, tensors, int4_rows = mixed_packs(model, proto, spec, accuracy_level, log)
+        if int4_rows is not None:
+            split.update(split_record(spec.max_size, int4_rows, model.config.vocab_size, SPLIT_BLOCK))
+            table_rows = lambda graph: int4_rows  # noqa: E731
     if scheme in MATMUL_NBITS:
         start = time.perf_counter()
         proto = quantize_nbits(proto, scheme, accuracy_level, pack, table_rows)
-        how = " (the GGUF's blocks, as they are)" if scheme == "gguf" else " (the QAT grid, as it is)" if pack else ""
+        how = (" (the GGUF's blocks, as they are)" if scheme == "gguf" else " (the QAT grid, as it is)" if spec.grid
+               else " (--max-size's mix)" if spec.max_size else "")
         log(f"  MatMulNBits {scheme}{how}: {time.perf_counter() - start:.1f} s")
     elif scheme == "fp8":
         proto = quantize_fp8(proto, codes)
@@ -362,6 +400,8 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
     size = sum(f.stat().st_size for f in (folder / ARTIFACT, folder / EXTERNAL_DATA) if f.exists())
     if spec.max_size and size > spec.max_size:
         raise RuntimeError(f"the artifact is {size} bytes, over --max-size {spec.max_size}: the estimate is wrong")
+    if spec.max_size and scheme in MIX_SCHEMES and not split:
+        log(f"  artifact {size / 1e6:.1f} MB (--max-size {spec.max_size / 1e6:g} MB)")
     if split:
         split["ranking"] = spec.table_ranking
         embed = "model.embed_tokens.weight"
@@ -388,6 +428,7 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
             "layers": config.num_hidden_layers,
             **({"tensors": tensors} if tensors else {}),
             **({"table_split": split} if split else {}),
+            **({"mix": mix_record(tensors, spec)} if spec.max_size and scheme in MIX_SCHEMES else {}),
         },
     }
 
@@ -531,6 +572,8 @@ def quantize_nbits(proto, scheme: str, accuracy_level: int | None = None, pack: 
     bits, block = NBITS.get(scheme, (None, None))
     if pack is not None:
         _pack_nbits(proto.graph, accuracy_level, pack)
+    elif scheme in ASYMMETRIC:
+        _pack_nbits(proto.graph, accuracy_level, int4_pack(scheme, table=False), head_pack=int4_pack(scheme, table=True))
     elif block:
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -595,6 +638,12 @@ def _fuse_sibling_nbits(graph) -> int:
     return merged
 
 
+def _blocks_of(codes_scales: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """`nbits_codes`' [N, nb, block] codes and [N, nb, 1] scales as [N, K] and [N, nb] (K a multiple of block)."""
+    codes, scale = codes_scales
+    return codes.flatten(-2), scale[..., 0]
+
+
 def _round_per_channel(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     codes, scale = nbits_codes(w, bits, w.shape[1])  # [N, 1, K], [N, 1, 1]
     return codes.view(w.shape), scale.view(-1, 1)
@@ -606,7 +655,7 @@ class Packed:
 
     u: np.ndarray  # uint8 [N, K]
     scales: np.ndarray  # float32 [N, K / block]
-    zero_points: np.ndarray | None  # uint8 [N, K / block] (8 bits only); None: the default 2^(bits-1)
+    zero_points: np.ndarray | None  # uint8 [N, K / block]; None: the default 2^(bits-1)
     bits: int
     block: int
 
@@ -621,8 +670,9 @@ def _signed(bits: int, codes: Tensor, scale: Tensor) -> Packed:
     return Packed(u.numpy(), scales.contiguous().numpy(), None, bits, block)
 
 
-def _pack_nbits(graph, accuracy_level: int | None, pack_of: Callable[[Tensor], Packed]) -> None:
-    """Every constant MatMul -> MatMulNBits holding `pack_of(w [N, K])`."""
+def _pack_nbits(graph, accuracy_level: int | None, pack_of: Callable[[Tensor], Packed],
+                head_pack: Callable[[Tensor], Packed] | None = None) -> None:
+    """Every constant MatMul -> MatMulNBits holding `pack_of(w [N, K])` (the LM head: `head_pack`'s, if given)."""
     from onnx import helper, numpy_helper
 
     inits = _initializers(graph)
@@ -633,7 +683,8 @@ def _pack_nbits(graph, accuracy_level: int | None, pack_of: Callable[[Tensor], P
             continue
         b = inits[node.input[1]]
         k, n = b.dims
-        p = pack_of(torch.from_numpy(numpy_helper.to_array(b).T.copy()))  # w [N, K]
+        w = torch.from_numpy(numpy_helper.to_array(b).T.copy())  # [N, K]
+        p = head_pack(w) if head_pack is not None and b.name.startswith("head_t") else pack_of(w)
         bits, block = p.bits, p.block
         if block < 16 or block & (block - 1) or k % block:
             raise RuntimeError(f"K={k} has no MatMulNBits block (16..128) for these scales")
@@ -643,11 +694,15 @@ def _pack_nbits(graph, accuracy_level: int | None, pack_of: Callable[[Tensor], P
         names = [f"{b.name}_Q{bits}", f"{b.name}_scales"]
         graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(u.reshape(n, k // block, -1)), names[0]),
                                   numpy_helper.from_array(np.ascontiguousarray(p.scales, np.float32), names[1])])
-        if p.zero_points is not None:  # onnxruntime's CPU kernels: integer zero points, 8 bits here
-            if bits != 8 or p.zero_points.dtype != np.uint8:
-                raise RuntimeError("only 8-bit weights carry zero points here")
+        if p.zero_points is not None:  # onnxruntime's fast CPU kernels: integer zero points (uint8)
+            if p.zero_points.dtype != np.uint8:
+                raise RuntimeError("zero points are uint8 here")
+            zp = p.zero_points
+            if bits == 4:  # two per byte, low nibble first, each row padded to whole bytes
+                zp = np.pad(zp, ((0, 0), (0, zp.shape[1] % 2)))
+                zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
             names.append(f"{b.name}_zero_points")
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(p.zero_points).reshape(-1), names[2]))
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(zp).reshape(-1), names[2]))
         extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
                                       name=f"{node.name}_Q{bits}", domain="com.microsoft",
@@ -784,6 +839,142 @@ def _gather_rows(graph, head, ids: str, out: str, name: str) -> list:
     ]
 
 
+# -- the int4 schemes' mix (`--max-size`, issue 10) -------------------------------------------------
+
+MIX_SCHEMES = ("int4b32", "int4b32-asym")  # every matrix int4 in blocks of 32; `--max-size` raises some
+HIGH = (8, 32)  # what a raised matrix becomes: int8 in blocks of 32 (Q8_0's grid), symmetric
+EMBED = "model.embed_tokens.weight"
+
+
+def low_form(scheme: str, name: str) -> str:
+    """How an int4 scheme stores matrix `name` (the tied table is symmetric in both)."""
+    return "int4 block 32, zero point per block" if scheme in ASYMMETRIC and name != EMBED else "int4 block 32"
+
+
+def fake_low(scheme: str) -> Callable[[str, Tensor], Tensor]:
+    """`rounding(name, w)`: matrix `name` on the scheme's int4 grid, as the export stores it."""
+    return lambda name, w: (fake_nbits_asym(w, 4, 32) if scheme in ASYMMETRIC and name != EMBED
+                            else fake_nbits(w, 4, 32))
+
+
+def int4_pack(scheme: str, table: bool) -> Callable[[Tensor], Packed]:
+    """`pack_of(w)` for an int4 scheme's matrices (`table`: the tied table, symmetric in both)."""
+    if scheme in ASYMMETRIC and not table:
+        def asymmetric(w: Tensor) -> Packed:
+            u, scale, zero = nbits_codes_asym(w, 4, 32)
+            return Packed(u.flatten(-2).to(torch.uint8).numpy(), scale[..., 0].contiguous().numpy(),
+                          zero[..., 0].to(torch.uint8).numpy(), 4, 32)
+
+        return asymmetric
+    return lambda w: _signed(4, *_blocks_of(nbits_codes(w, 4, 32)))
+
+
+def raise_costs(scheme: str, weights: dict[str, Tensor]) -> dict[str, int]:
+    """The bytes each matrix adds at int8 blocks of 32 over its int4 form (codes, scales, zero points)."""
+    def size(rows: int, cols: int, bits: int, zero_points: bool) -> int:
+        blocks = cols // 32
+        return rows * cols * bits // 8 + rows * blocks * 4 + (rows * -(-blocks * bits // 8) if zero_points else 0)
+
+    return {name: size(*w.shape, HIGH[0], False) - size(*w.shape, 4, scheme in ASYMMETRIC and name != EMBED)
+            for name, w in weights.items()}
+
+
+TABLE_CHUNKS = 8  # the table's rows, ranked by use, are raised in 8 equal chunks (and a partial one)
+
+
+def split_rounding(order: np.ndarray, n8: int) -> Callable[[Tensor], Tensor]:
+    """The table as a split stores it: int8 blocks of 32, then all but the `n8` first rows of `order`
+    rounded again to int4 (`split_table` rounds the int8 values, as here)."""
+    def rounding(w: Tensor) -> Tensor:
+        t = fake_nbits(w, *HIGH)
+        rows = torch.as_tensor(np.sort(order[n8:]), dtype=torch.long)
+        if len(rows):
+            t[rows] = fake_nbits(t[rows], 4, SPLIT_BLOCK)
+        return t
+
+    return rounding
+
+
+def choose_mix(model: nn.Module, scheme: str, tokens, order: np.ndarray, room: int,
+               log=print) -> tuple[dict[str, float], dict[int, float], list[str], int]:
+    """The sensitivity step: each layer matrix's KL at int4 (`kl`), the table's with its first n ranked
+    rows (`order`) at int8 and the rest at int4 for n in 8 chunks (`table_kl`), and the plan for `room`
+    extra bytes: the layer matrices to raise and how many table rows (sensitivity.plan)."""
+    from .. import sensitivity
+
+    weights = sensitivity.matrices(model)
+    kl = sensitivity.tensor_kl(model, fake_low(scheme), tokens, log)
+    vocab, hidden = weights[EMBED].shape
+    bounds = [round(vocab * i / TABLE_CHUNKS) for i in range(TABLE_CHUNKS + 1)]
+    table_kl = {0: kl.pop(EMBED), **sensitivity.variant_kl(
+        model, {n: (EMBED, split_rounding(order, n)) for n in bounds[1:]}, tokens, log, "table chunks")}
+    kept, small = split_row_bytes(HIGH[0], HIGH[1], hidden, False)
+    extra = raise_costs(scheme, weights)
+    extra.pop(EMBED)
+    chosen, n8 = sensitivity.plan(kl, extra, table_kl, kept - small, 4 * vocab, room)
+    return kl, table_kl, chosen, n8
+
+
+def mixed_packs(model: nn.Module, proto, spec, accuracy_level: int,
+                log) -> tuple[Callable, dict[str, str], np.ndarray | None]:
+    """`pack_of(w)` for an int4 scheme, each matrix's form for the manifest, and the table rows left at
+    int4 when the table is split (None: not split). Without `--max-size`: every matrix int4. With it:
+    the matrices, and chunks of the table's rows in their ranked order (`spec.table_order()`), whose
+    int4 rounding costs the most KL per extra byte (sensitivity.py, on `spec.calibration()`) go to int8
+    blocks of 32 while the file stays in the budget; a table raised in part is split by rows."""
+    from .. import sensitivity
+
+    scheme = spec.scheme.name
+    name_of, weights = by_content(model), sensitivity.matrices(model)
+    low = {table: int4_pack(scheme, table) for table in (False, True)}
+    raised: dict[str, float] = {}
+
+    def pack_of(w: Tensor) -> Packed:
+        name = name_of(w)
+        if name in raised:
+            return _signed(HIGH[0], *_blocks_of(nbits_codes(w, *HIGH)))
+        return low[name == EMBED](w)
+
+    report = {name: low_form(scheme, name) for name in weights}
+    if not spec.max_size:
+        return pack_of, report, None
+    smallest = quantize_nbits(copy.deepcopy(proto), scheme, accuracy_level, pack_of)
+    size = _saved_bytes(smallest.graph) + (1 << 14)
+    if size > spec.max_size:
+        raise UserError(f"--max-size {spec.max_size / 1e6:g} MB is below the smallest this export reaches "
+                        f"({size / 1e6:.1f} MB with every matrix at int4).")
+    log(f"  {size / 1e6:.1f} MB with every matrix at int4; measuring each matrix's sensitivity "
+        f"on {spec.table_ranking}")
+    order = np.asarray(spec.table_order())
+    tokens = spec.calibration()[: sensitivity.SENSITIVITY_SEQUENCES]
+    kl, table_kl, chosen, n8 = choose_mix(model, scheme, tokens, order, spec.max_size - size, log)
+    vocab = len(order)
+    for name in chosen:
+        raised[name] = kl[name]
+    int4_rows = None
+    if n8:
+        raised[EMBED] = table_kl[0]
+        int4_rows = np.sort(order[n8:]) if n8 < vocab else None
+    log(f"  {len(raised) - (EMBED in raised)} of {len(weights) - 1} layer matrices and {n8} of {vocab} table "
+        f"rows to int8 blocks of 32 (within --max-size {spec.max_size / 1e6:g} MB)")
+    for name in weights:
+        if name == EMBED:
+            report[name] = (f"int8 block 32 (--max-size: {n8} of {vocab} rows; at int4 the table alone costs KL "
+                            f"{table_kl[0]:.2e})" if n8 else report[name] + f" (KL {table_kl[0]:.2e} at int4)")
+        elif name in raised:
+            report[name] = f"int8 block 32 (--max-size: its int4 rounding alone costs KL {kl[name]:.2e})"
+        else:
+            report[name] += f" (KL {kl[name]:.2e} at int4)"
+    return pack_of, report, int4_rows
+
+
+def mix_record(tensors: dict[str, str], spec) -> dict:
+    """The manifest's `mix`: the budget, what it was measured on, and the raised matrices (validate's
+    reference raises the same ones)."""
+    return {"budget_bytes": spec.max_size, "ranking": spec.table_ranking, "high": f"int{HIGH[0]} block {HIGH[1]}",
+            "raised": sorted(n for n, form in tensors.items() if form.startswith("int8"))}
+
+
 # -- the table split by rows (`--max-size`, issue 10) ---------------------------------------------
 
 TABLE_SLOT = "table_slot"  # int32 [V]: a token's row in the split head's (rows8, rows4) order
@@ -877,18 +1068,18 @@ def _rows_within(budget: int, order: Callable[[], np.ndarray], record: dict, log
     return table_rows
 
 
-def _saved_bytes(graph, without: str, whole: bool = True) -> int:
+def _saved_bytes(graph, without: str | None = None, whole: bool = True) -> int:
     """The bytes the graph would save to now, less the initializer `without`. protobuf measures a
     message under 2 GB; a larger graph (or `whole=False`) is summed by part, with 12 bytes per part
     for its field tag and length (the 270M's graph: 10.2 on average)."""
-    dropped = next(t for t in graph.initializer if t.name == without)
+    dropped = next(t for t in graph.initializer if t.name == without).ByteSize() if without else 0
     try:
         if whole:
-            return graph.ByteSize() - dropped.ByteSize()
+            return graph.ByteSize() - dropped
     except (ValueError, OverflowError):
         pass
     parts = [*graph.initializer, *graph.node, *graph.value_info, *graph.input, *graph.output]
-    return sum(x.ByteSize() + 12 for x in parts) - dropped.ByteSize()
+    return sum(x.ByteSize() + 12 for x in parts) - dropped
 
 
 def quantize_fp8(proto, codes: Callable | None = None):
