@@ -3,12 +3,12 @@
 Each weight matrix's sensitivity is what rounding it alone costs: the mean KL divergence from the float
 model's next-token distribution to the model's with only that matrix on the low-bit grid, over a
 calibration text (the user's `--data`, or text sampled from the float model, as the table ranking uses).
-`choose` then raises the matrices that buy the most KL per extra byte to the high-bit form while the
-artifact stays within the budget (a greedy knapsack on KL assumed additive across matrices, as
-llama.cpp's importance-based mixes and HAWQ-style schemes assume).
+`choose` / `plan` then raise what buys the most KL per extra byte to the high-bit form while the artifact
+stays within the budget: a greedy knapsack that treats the matrices' KLs as additive (`plan` also takes
+the tied table's rows in chunks, in their ranked order).
 
-The weights alone are rounded here: the int8 activations some targets compute with add the same noise to
-every choice, so they do not change the ranking.
+Only the weights are rounded in the measurement; the int8 activations some targets compute with are
+left out of it (benchmarks/mix_choice.py scores the resulting choices with them).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-# Tokens of the calibration text the sensitivities are measured on: 4 x 96 (a forward pass per matrix;
-# the 262k-row head dominates its cost). More sequences moved no 270M matrix across the choice
-# (docs/quantization.md).
+# The calibration sequences (of 96 tokens) the sensitivities are measured on: a forward pass per matrix,
+# whose cost the 262k-row head dominates (7 minutes on the 270M here, docs/quantization.md). The choice
+# it makes on 4 is measured against hand rules on other text (benchmarks/mix_choice.py).
 SENSITIVITY_SEQUENCES = 4
 
 
