@@ -845,20 +845,24 @@ HIGH = (8, 32)  # what a raised matrix becomes: int8 in blocks of 32 (Q8_0's gri
 EMBED = "model.embed_tokens.weight"
 
 
+def zero_points(scheme: str, name: str) -> bool:
+    """Whether an int4 scheme stores matrix `name` with zero points (int4b32-asym, the tied table aside)."""
+    return scheme in ASYMMETRIC and name != EMBED
+
+
 def low_form(scheme: str, name: str) -> str:
-    """How an int4 scheme stores matrix `name` (the tied table is symmetric in both)."""
-    return "int4 block 32, zero point per block" if scheme in ASYMMETRIC and name != EMBED else "int4 block 32"
+    """How an int4 scheme stores matrix `name`, in words (the manifest's `tensors`)."""
+    return "int4 block 32, zero point per block" if zero_points(scheme, name) else "int4 block 32"
 
 
 def fake_low(scheme: str) -> Callable[[str, Tensor], Tensor]:
     """`rounding(name, w)`: matrix `name` on the scheme's int4 grid, as the export stores it."""
-    return lambda name, w: (fake_nbits_asym(w, 4, 32) if scheme in ASYMMETRIC and name != EMBED
-                            else fake_nbits(w, 4, 32))
+    return lambda name, w: fake_nbits_asym(w, 4, 32) if zero_points(scheme, name) else fake_nbits(w, 4, 32)
 
 
 def int4_pack(scheme: str, table: bool) -> Callable[[Tensor], Packed]:
-    """`pack_of(w)` for an int4 scheme's matrices (`table`: the tied table, symmetric in both)."""
-    if scheme in ASYMMETRIC and not table:
+    """`pack_of(w)` for an int4 scheme's matrices (`table`: the tied table)."""
+    if zero_points(scheme, EMBED if table else ""):
         def asymmetric(w: Tensor) -> Packed:
             u, scale, zero = nbits_codes_asym(w, 4, 32)
             return Packed(u.flatten(-2).to(torch.uint8).numpy(), scale[..., 0].contiguous().numpy(),
@@ -874,7 +878,7 @@ def raise_costs(scheme: str, weights: dict[str, Tensor]) -> dict[str, int]:
         blocks = cols // 32
         return rows * cols * bits // 8 + rows * blocks * 4 + (rows * -(-blocks * bits // 8) if zero_points else 0)
 
-    return {name: size(*w.shape, HIGH[0], False) - size(*w.shape, 4, scheme in ASYMMETRIC and name != EMBED)
+    return {name: size(*w.shape, HIGH[0], False) - size(*w.shape, 4, zero_points(scheme, name))
             for name, w in weights.items()}
 
 
