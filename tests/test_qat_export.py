@@ -121,7 +121,9 @@ def test_a_scheme_that_would_round_the_grid_again_is_refused(checkpoints, tmp_pa
     base = ["--model", "tiny", "--checkpoint", ckpt, "--out", str(tmp_path / "never"), "--no-validate"]
     for extra, words in ((["--target", "onnx", "--quant", "int4b32"], "export it with --quant int4"),
                          (["--target", "coreml"], "cannot store exactly; export it to onnx"),
-                         (["--target", "executorch"], "cannot store exactly")):
+                         (["--target", "executorch"], "cannot store exactly"),
+                         (["--target", "onnx", "--quant", "int4b32", "--max-size", "1MB"],
+                          "a QAT checkpoint's grid is stored as it is, so export it without --max-size")):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert words in err and "Traceback" not in err, err
