@@ -55,7 +55,10 @@ PEER_SYSTEMS = ("llama.cpp-q4km", "ortgenai-int4", "ortgenai-int4-prune", "optim
 OURS_VARIANTS = {"onnx-int4b32-acc0": ("onnx-int4b32", 0)}
 # bundles kept as they are, for before/after runs: the 8da4w program as exported before issue 9 (index_put
 # and copy_ of every cache per step), exported by this project's earlier exporter
-OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w"}
+OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w",
+             # int4b32 with the decomposed attention (MatMul/Where/Softmax, ScatterElements writes), as exported
+             # before GroupQueryAttention (issue 9): copy an older export there to compare
+             "onnx-int4b32-decomposed": "bundles/kept/onnx-int4b32-decomposed"}
 SYSTEMS = (*OURS, *OURS_VARIANTS, *OURS_KEPT, *PEER_SYSTEMS)
 # where earlier benchmark runs left our bundles (reused when valid)
 REUSE = {"et-8da4w": "bundles/bench-et/gemma3-270m-executorch-8da4w", "et-fp32": "bundles/bench-et/gemma3-270m-executorch-fp32",
@@ -97,6 +100,8 @@ def valid_bundle(path: Path, target: str, quant: str, max_size: str | None = Non
               "in-place caches (issue 9)": target != "executorch" or "attention" in m["target_info"],
               "accuracy_level 4 (issue 9)": target != "onnx" or quant not in ("int8", "int4", "int4b32")
               or m["target_info"].get("accuracy_level") == 4,
+              "GroupQueryAttention (issue 9)": target != "onnx" or quant == "fp16"
+              or m["target_info"].get("attention", "").startswith("GroupQueryAttention"),
               "--max-size": _budget(m["target_info"]) == (parse_size(max_size) if max_size else None)}
     bad = [k for k, ok in checks.items() if not ok]
     return f"{path}: {', '.join(bad)} differ" if bad else None

@@ -54,17 +54,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-def cache_layout(config: Gemma3Config, max_context: int, dtype: str) -> list[dict]:
-    """One entry per layer: which cache it has, how many slots, and the buffer shape."""
+def cache_layout(config: Gemma3Config, max_context: int, dtype: str, window_rows: int | None = None) -> list[dict]:
+    """One entry per layer: which cache it has, how many slots, and the buffer shape. Local layers keep a
+    ring of `sliding_window` slots, or with `window_rows` (ONNX's GroupQueryAttention) that many rows in
+    onnxruntime's windowed layout; either only where it is smaller than the context."""
     layers = []
     for i, kind in enumerate(config.layer_types):
-        ring = config.is_local(i) and config.sliding_window < max_context
-        slots = config.sliding_window if ring else max_context
+        rows = config.sliding_window if window_rows is None else window_rows
+        local = config.is_local(i) and rows < max_context
+        slots = rows if local else max_context
         layers.append({
             "layer": i,
             "type": kind,
             "window": config.sliding_window if config.is_local(i) else None,
-            "cache": "ring" if ring else "full",
+            "cache": ("ring" if window_rows is None else "window") if local else "full",
             "slots": slots,
             "shape": [1, config.num_key_value_heads, slots, config.head_dim],
             "dtype": dtype,

@@ -121,7 +121,8 @@ def example_manifest(target: str) -> dict:
         "max_context": ctx,
         "prefill_chunk": C,
         "quant": asdict(check_scheme(target, None)),
-        "cache": cache_layout(config, ctx, cache_dtype),
+        # ONNX: GroupQueryAttention's windowed local caches of window + chunk rows (exporters/onnx_attention.py)
+        "cache": cache_layout(config, ctx, cache_dtype, config.sliding_window + C if target == "onnx" else None),
         "tokenizer": "tokenizer.model",
         "hf_tokenizer": ["tokenizer.json", "tokenizer_config.json"],
         "bos_id": 2,

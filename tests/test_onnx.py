@@ -23,12 +23,14 @@ from onnx import numpy_helper
 from conftest import split_siblings, tiny_model
 from gemma3_export.bundle import read_bundle
 from gemma3_export.exporters import onnx as onnx_export
+from gemma3_export.exporters.onnx_attention import resident
 from gemma3_export.generate import EagerRunner
 from gemma3_export.load import load_model
 from gemma3_export.pipeline import export, make_spec, open_runner
 from gemma3_export.runtimes.onnx import OnnxRunner
 
 CONTEXT, CHUNK, W = 48, 6, 8  # tiny: sliding window 8, globals at layers 2 and 5
+GLOBAL = (2, 5)
 # Step sizes: prefill chunks and decode steps mixed; positions W-1, W, W+1, chunks straddling 2W and
 # 4W, ring wrap-around, over 5+ windows.
 PLAN = [3, 4, 1, 1, 1, 5, 3, 6, 1, 1, 2, 6] + [1] * 8
@@ -84,9 +86,19 @@ def test_fp32_matches_the_eager_cached_model(fp32_runner, tiny):
     with torch.no_grad():  # and the uncached full-sequence forward (rung 2), at every step's last token
         full = tiny(torch.tensor([ids]))[0].numpy()
     assert max(float(np.abs(g - full[p]).max()) for p, g in zip(positions, got)) <= 1e-4
-    # The caches hold the same values in the same slots (ring layout included).
-    eager = [t.numpy() for c in tiny.caches for t in (c.k, c.v)]
-    assert max(float(np.abs(a - b).max()) for a, b in zip(fp32_runner.cache_arrays(), eager)) <= 1e-5
+    # The caches hold the same keys and values: global layers slot for slot; local layers the last
+    # window's positions, in onnxruntime's windowed layout (the eager model's in its ring).
+    n, diffs = fp32_runner.pos, []
+    for layer, (eager, ours) in enumerate(zip(tiny.caches, zip(*[iter(fp32_runner.cache_arrays())] * 2))):
+        for e, o in zip((eager.k.numpy(), eager.v.numpy()), ours):
+            if layer in GLOBAL:
+                diffs.append(np.abs(o[:, :, :n] - e[:, :, :n]).max())
+            else:
+                held = resident(n, o.shape[2], W)
+                assert held >= W
+                last = np.arange(n - W, n)  # row of position p: p - (n - held); ring slot: p % W
+                diffs.append(np.abs(o[:, :, last - (n - held)] - e[:, :, last % W]).max())
+    assert max(diffs) <= 1e-5
 
 
 def test_generation_is_the_eager_one(fp32_runner, tiny):
@@ -107,8 +119,11 @@ def test_manifest_describes_the_graph(fp32_runner):
     assert [v["name"] for v in m["outputs"]][:3] == ["logits", "k_cache_out_0", "v_cache_out_0"]
     assert m["inputs"][0]["shape"] == [1, "T"] and m["prefill_chunks"] == list(range(1, CHUNK + 1))
     shapes = {v["name"]: v["shape"] for v in m["inputs"]}
-    assert shapes["k_cache_0"] == [1, 2, W, 32] and shapes["k_cache_2"] == [1, 2, CONTEXT, 32]  # ring / full
+    # local: onnxruntime's windowed cache, window + chunk rows; global: full length
+    assert shapes["k_cache_0"] == [1, 2, W + CHUNK, 32] and shapes["k_cache_2"] == [1, 2, CONTEXT, 32]
     assert [layer["shape"] for layer in m["cache"]] == [shapes[f"k_cache_{i}"] for i in range(6)]
+    assert [layer["cache"] for layer in m["cache"]] == ["full" if i in GLOBAL else "window" for i in range(6)]
+    assert m["target_info"]["attention"].startswith("GroupQueryAttention")
     assert m["cache_dtype"] == "float32" and m["quant"]["name"] == "fp32" and m["artifact"] == "model.onnx"
     session = fp32_runner.session
     assert [v.name for v in session.get_inputs()] == names
@@ -141,22 +156,47 @@ def test_cache_is_bound_in_place_and_never_copied_through_numpy(fp32_runner, mon
     assert np.abs(fp32_runner.cache_numpy[4]).sum() > 0  # the graph wrote into the bound array (layer 2, k)
 
 
-def test_in_place_writes_follow_the_reads(tmp_path):
-    """onnxruntime skips ScatterElements' copy when input and output share a buffer. Global caches
-    are read after the write; ring caches must be written from the attended copy, not from the graph
-    input, or the write could land before the read. Checked on onnxruntime's optimized graph."""
+def _optimized_graph(bundle: Path, tmp_path: Path):
+    """The graph as onnxruntime runs it, after its own optimizations."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(tiny_bundle("fp32") / "model.onnx"), options)
-    graph = onnx.load(tmp_path / "optimized.onnx").graph
+    ort.InferenceSession(str(bundle / "model.onnx"), options)
+    return onnx.load(tmp_path / "optimized.onnx").graph
+
+
+def test_attention_is_one_fused_node_per_layer_writing_its_cache_in_place(tmp_path):
+    """fp32 (and every float-compute scheme): one GroupQueryAttention per layer whose past input is the
+    layer's cache input and whose present output is its cache output, so the runner's one buffer per
+    cache is both (onnxruntime's past_present_share_buffer); no decomposed attention is left."""
+    graph = _optimized_graph(tiny_bundle("fp32"), tmp_path)
+    ops = [n.op_type for n in graph.node]
+    assert not {"Softmax", "ScatterElements", "Where"} & set(ops)
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 6
+    for i, node in enumerate(gqa):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert list(node.input[3:5]) == [f"k_cache_{i}", f"v_cache_{i}"]
+        assert list(node.output[1:3]) == [f"k_cache_out_{i}", f"v_cache_out_{i}"]
+        local = i not in GLOBAL
+        assert (attrs["local_window_size"], attrs["sliding_window_cache"]) == ((W, 1) if local else (-1, 0))
+        assert attrs["do_rotary"] == 1 and attrs["scale"] == pytest.approx(32**-0.5)
+
+
+def test_decomposed_writes_follow_the_reads(tmp_path):
+    """fp16 keeps the decomposed attention. onnxruntime skips ScatterElements' copy when input and
+    output share a buffer. Global caches are read after the write; ring caches must be written from the
+    attended copy, not from the graph input, or the write could land before the read. Checked on
+    onnxruntime's optimized graph."""
+    graph = _optimized_graph(tiny_bundle("fp16"), tmp_path)
+    assert "GroupQueryAttention" not in {n.op_type for n in graph.node}
     inputs = {v.name for v in graph.input}
     data = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "ScatterElements"}
     for i in range(6):
         for kv in "kv":
             source = data[f"{kv}_cache_out_{i}"]
-            if i in (2, 5):
+            if i in GLOBAL:
                 assert source == f"{kv}_cache_{i}"
             else:
                 assert source not in inputs

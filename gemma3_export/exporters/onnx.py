@@ -47,6 +47,8 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..vocab_rows import split_record, split_rows
+from . import onnx_attention
+from .onnx_attention import fused_attention, translation_table
 
 OPSET = 21
 ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"
@@ -146,6 +148,12 @@ class OnnxMultimodalStep(OnnxStep):
         h = self.text(tokens, input_pos, image_embeds)[:, -1]  # [1, H]
         logits = h @ self.head_t if self.head_t is not None else self.lm_head(h)
         return (logits.float(), *[t for c in self.caches for t in (c.k_out, c.v_out)])
+
+
+def fused(scheme: str, vision: bool) -> bool:
+    """Whether the graph's attention is onnxruntime's GroupQueryAttention (onnx_attention.py): every
+    float-compute scheme of a text decoder; fp16 and vision decoders keep the decomposed attention."""
+    return scheme != "fp16" and not vision
 
 
 @contextlib.contextmanager
@@ -410,7 +418,9 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
                                f"block {SPLIT_BLOCK} (--max-size)")
     inputs, outputs = _describe(proto)
     cache_dtype = "float16" if scheme == "fp16" else "float32"
+    gqa = fused(scheme, getattr(spec, "vision", None) is not None)
     return {
+        **({"cache": onnx_attention.cache_layout(config, spec.context, spec.chunk)} if gqa else {}),
         "artifact": ARTIFACT,
         "inputs": inputs,
         "outputs": outputs,
@@ -424,6 +434,9 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
             "tied_head": "Gemm on the embedding table" if scheme in ("fp32", "fp16")
             else "one quantized table for the head MatMul and the embedding gather",
             "cache_io": "k_cache_{i}/v_cache_{i} in, k_cache_out_{i}/v_cache_out_{i} out, same shapes",
+            "attention": ("GroupQueryAttention (com.microsoft): rotary inside, caches shared past/present, local "
+                          "layers in onnxruntime's windowed layout of window + chunk rows"
+                          if gqa else "decomposed (MatMul, mask, Softmax; ScatterElements cache writes, local rings)"),
             "layers": config.num_hidden_layers,
             **({"tensors": tensors} if tensors else {}),
             **({"table_split": split} if split else {}),
@@ -439,9 +452,12 @@ def _torch_export(model: nn.Module, spec, scheme: str):
     dtype = torch.float16 if scheme == "fp16" else torch.float32
     n = model.config.num_hidden_layers
     in_names, out_names = io_names(n)
-    with boundary_caches(model, spec.context, dtype), torch.no_grad(), _quiet():
-        vision = getattr(spec, "vision", None) is not None  # the decoder of a vision bundle
+    vision = getattr(spec, "vision", None) is not None  # the decoder of a vision bundle
+    caches = fused_attention(model, spec.context, spec.chunk) if fused(scheme, vision) else boundary_caches(model, spec.context, dtype)
+    with caches as rope_tables, torch.no_grad(), _quiet():
         step = (OnnxMultimodalStep if vision else OnnxStep)(model, separate_head=scheme in MATMUL_NBITS or scheme == "fp8").eval()
+        if rope_tables is not None:
+            step.rope = rope_tables  # their cos/sin become initializers
         caches = [torch.zeros(s, dtype=dtype) for c in step.caches for s in (_shape(model, c), _shape(model, c))]
         tokens = torch.zeros(1, min(2, spec.chunk), dtype=torch.long)
         t_dim = {1: torch.export.Dim("T", min=1, max=spec.chunk)} if spec.chunk > 1 else None
@@ -454,6 +470,7 @@ def _torch_export(model: nn.Module, spec, scheme: str):
         program = torch.onnx.export(
             step, args, dynamic_shapes=dims, input_names=in_names,
             output_names=out_names, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+            custom_translation_table=translation_table(),
         )
         proto = program.model_proto
     for value in proto.graph.input:  # the exporter names the dynamic axis after a symbol
@@ -1073,16 +1090,17 @@ def _rows_within(budget: int, order: Callable[[], np.ndarray], record: dict, log
 
 def _saved_bytes(graph, without: str | None = None, whole: bool = True) -> int:
     """The bytes the graph would save to now, less the initializer `without`. protobuf measures a
-    message under 2 GB; a larger graph (or `whole=False`) is summed by part, with 12 bytes per part
-    for its field tag and length (the 270M's graph: 10.2 on average)."""
+    message under 2 GB; a larger graph (or `whole=False`) is summed by part (torch.export's metadata
+    included), with 12 bytes per part for its field tag and length (the 270M's graph: 10.2 on average)."""
     dropped = next(t for t in graph.initializer if t.name == without).ByteSize() if without else 0
     try:
         if whole:
             return graph.ByteSize() - dropped
     except (ValueError, OverflowError):
         pass
-    parts = [*graph.initializer, *graph.node, *graph.value_info, *graph.input, *graph.output]
-    return sum(x.ByteSize() + 12 for x in parts) - dropped
+    parts = [*graph.initializer, *graph.node, *graph.value_info, *graph.input, *graph.output, *graph.metadata_props]
+    strings = len(graph.name.encode()) + len(graph.doc_string.encode())
+    return sum(x.ByteSize() + 12 for x in parts) + strings + 24 - dropped
 
 
 def quantize_fp8(proto, codes: Callable | None = None):
