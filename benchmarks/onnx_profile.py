@@ -1,18 +1,17 @@
 """Where an ONNX bundle's time goes, from onnxruntime's own profiler (docs/benchmarks.md, issue 9):
 
     python benchmarks/onnx_profile.py [--bundle bundles/bench-onnx/270m-int4b32] [--threads 2] [--decode 32]
-        [--json FILE]
+        [--decomposed BUNDLE] [--json FILE]
 
 The bundle's runner (gemma3_export.runtimes.onnx.OnnxRunner, the same IOBinding of the caches) gets a
 session with `enable_profiling`; one 128-token prefill chunk and `--decode` decode steps run, and the
 trace's node events are summed per bucket and phase: the LM head (the MatMulNBits whose weight has one
 row per vocabulary entry), the other int4 linears, attention (score and value MatMuls, Softmax, masks,
-cache writes), the decomposed RMSNorms, the rest; plus the share of a run's wall time that no kernel
-accounts for (per-node dispatch), and the LM head's output shape in prefill (all positions or one).
-Then, alternating, prefill and decode rates of: the runner as it is; its thread pool allowed to spin
-(onnxruntime's default); and a copy of the graph whose MatMulNBits run with `accuracy_level=4` (int8
-activations, onnxruntime's fast CPU int4 path, which onnxruntime-genai's builder sets), written to
-bundles/compare/ (the exporter is not changed).
+cache writes, or GroupQueryAttention), the decomposed RMSNorms, the rest; plus the share of a run's wall
+time that no kernel accounts for (per-node dispatch), and the LM head's output shape in prefill (all
+positions or one). Then, alternating round by round, prefill and decode rates of: the runner as it is
+(its threads spin-wait, onnxruntime's default); the same without spinning; with `--decomposed`,
+another bundle of the same weights (e.g. one exported before GroupQueryAttention) with spinning.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ATTENTION = {"MatMul", "Softmax", "Where", "ScatterElements", "And", "LessOrEqual", "Mod", "Sub"}
+ATTENTION = {"MatMul", "Softmax", "Where", "ScatterElements", "And", "LessOrEqual", "Mod", "Sub", "GroupQueryAttention"}
 NORM = {"Pow", "ReduceMean", "Sqrt", "Reciprocal"}
 
 
@@ -42,7 +41,7 @@ def runner_with(bundle: str, threads: int, **options):
     runner = OnnxRunner.from_bundle(read_bundle(bundle), threads=threads)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", options.pop("spin", "0"))
+    so.add_session_config_entry("session.intra_op.allow_spinning", options.pop("spin", "1"))
     for key, value in options.items():
         setattr(so, key, value)
     runner.session = ort.InferenceSession(str(read_bundle(bundle).artifact), so, providers=["CPUExecutionProvider"])
@@ -154,6 +153,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the variant timings")
+    ap.add_argument("--decomposed", help="another bundle to time beside it (same weights)")
     ap.add_argument("--json")
     args = ap.parse_args()
     from gemma3_export.tokenizer import Tokenizer
@@ -177,8 +177,8 @@ def main() -> None:
     result = {"bundle": args.bundle, "threads": args.threads,
               **summarize(trace, head_nodes(args.bundle, b.manifest["outputs"][0]["shape"][-1]))}
     Path(warm).unlink(missing_ok=True)
-    variants = {"as exported": (args.bundle, "0"), "spinning threads": (args.bundle, "1"),
-                "accuracy_level=4": (with_accuracy_level(args.bundle, 4), "0")}
+    variants = {"as exported": (args.bundle, "1"), "no spinning": (args.bundle, "0"),
+                **({"--decomposed": (args.decomposed, "1")} if args.decomposed else {})}
     runs: dict[str, list] = {k: [] for k in variants}
     for _ in range(args.repeats):  # alternate the variants round by round
         for name, (bundle, spin) in variants.items():

@@ -18,24 +18,32 @@ from ..errors import UserError
 from ..generate import Runner
 
 
+def session_options(threads: int | None, spin: bool = True):
+    """`threads` intra-op threads (None: onnxruntime's choice, one per physical core). `spin`: idle
+    threads spin-wait for the next parallel section, onnxruntime's default and onnxruntime-genai's: on
+    a quiet machine 1.11x decode on the 270M, prefill the same (docs/onnx.md); where the cores are busy
+    with other work, spinning steals from it (it was 0.7x there), so pass spin=False."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
 class OnnxRunner(Runner):
     """Chunked prefill and decode over an ONNX artifact in onnxruntime (CPU)."""
 
     def __init__(self, path: Path, inputs: list[dict], outputs: list[dict], max_context: int, chunk: int,
-                 threads: int | None = None):
+                 threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
 
         super().__init__()
         self.max_context, self.chunk = max_context, chunk
-        options = ort.SessionOptions()
-        # Idle threads sleep instead of spinning: a step is long, and the eager model or the
-        # tokenizer often shares the process.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), session_options(threads, spin), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise UserError(f"onnxruntime cannot load {path} ({type(e).__name__}); export the bundle again.") from None
         got = [v.name for v in self.session.get_inputs()], [v.name for v in self.session.get_outputs()]
@@ -48,13 +56,13 @@ class OnnxRunner(Runner):
         self.cache_out = want[1][1:]
         self.vocab = outputs[0]["shape"][-1]
         self.binding = self.session.io_binding()
-        self.runtime_note = f"onnxruntime {ort.__version__} CPU, {threads or 'default'} threads"
+        self.runtime_note = f"onnxruntime {ort.__version__} CPU, {threads or 'default'} threads{'' if spin else ', no spinning'}"
         self._alloc()
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> OnnxRunner:
+    def from_bundle(cls, bundle: Bundle, threads: int | None = None, spin: bool = True) -> OnnxRunner:
         m = bundle.manifest
-        runner = cls(bundle.artifact, m["inputs"], m["outputs"], m["max_context"], m["prefill_chunk"], threads)
+        runner = cls(bundle.artifact, m["inputs"], m["outputs"], m["max_context"], m["prefill_chunk"], threads, spin)
         if "vision" in m:
             runner.image_token_id = m["vision"]["image_token_id"]
         return runner
@@ -101,12 +109,8 @@ class OnnxVisionEncoder:
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise UserError(f"onnxruntime cannot load {path} ({type(e).__name__}); export the bundle again.") from None
 
