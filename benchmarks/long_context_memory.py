@@ -5,8 +5,8 @@ in the system's chunks, then 64 greedy decode steps; VmHWM after loading and at 
 
     python benchmarks/long_context_memory.py [--contexts 4096 32768] [--systems ...] [--json docs/long_context_memory.json]
 
-Our local layers keep a ring of their window (512) at any context and only the global layers (3 of 18)
-grow with it; llama-cpp-python 0.3 keeps a full-size cache for its sliding-window layers ("using
+Our local layers keep their window at any context (ExecuTorch: a ring of 512 + 127 slots; ONNX:
+onnxruntime's windowed cache of 512 + 128 rows) and only the global layers (3 of 18) grow with it; llama-cpp-python 0.3 keeps a full-size cache for its sliding-window layers ("using
 full-size SWA cache" in its log) in f16. Bundles are exported once into bundles/long-context/.
 """
 

@@ -1,6 +1,7 @@
 """Where an ONNX bundle's peak resident memory goes, and what three session-side changes give (issue 9):
 onnxruntime's CPU memory arena off, its weight prepacking off (`session.disable_prepacking`: the
-kernels' packed copies of the weights are not made), and the weights in an external data file. Each variant in a fresh
+kernels' packed copies of the weights are not made), the weights in an external data file (and that
+with the arena off). Each variant in a fresh
 process, alternating, on 2 threads: VmHWM after `import` + session creation, and after the
 compare.py-like workload (a 128-token prefill, 64 decode steps, a 1024-token prefill).
 
@@ -82,9 +83,10 @@ def main() -> None:
     if args.child:
         return child(*args.child)
     with tempfile.TemporaryDirectory() as tmp:
+        external = str(external_copy(Path(args.bundle), Path(tmp)))
         variants = {"as exported": (args.bundle, "default"), "arena off": (args.bundle, "no-arena"),
-                    "prepacking off": (args.bundle, "no-prepack"),
-                    "external data": (str(external_copy(Path(args.bundle), Path(tmp))), "default")}
+                    "prepacking off": (args.bundle, "no-prepack"), "external data": (external, "default"),
+                    "external data, arena off": (external, "no-arena")}
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         for _ in range(args.repeats):
             for name, (bundle, mode) in variants.items():
