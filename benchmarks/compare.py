@@ -60,7 +60,9 @@ OURS_VARIANTS = {"onnx-int4b32-acc0": ("onnx-int4b32", 0)}
 OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w",
              # int4b32 with the decomposed attention (MatMul/Where/Softmax, ScatterElements writes), as exported
              # before GroupQueryAttention (issue 9): copy an older export there to compare
-             "onnx-int4b32-decomposed": "bundles/kept/onnx-int4b32-decomposed"}
+             "onnx-int4b32-decomposed": "bundles/kept/onnx-int4b32-decomposed",
+             # 8da4w whose local layers attend through custom_sdpa's masked path (before 2026-11-28)
+             "et-8da4w-sdpa": "bundles/kept/et-8da4w-sdpa"}
 SYSTEMS = (*OURS, *OURS_VARIANTS, *OURS_KEPT, *PEER_SYSTEMS)
 # where earlier benchmark runs left our bundles (reused when valid)
 REUSE = {"et-8da4w": "bundles/bench-et/gemma3-270m-executorch-8da4w", "et-fp32": "bundles/bench-et/gemma3-270m-executorch-fp32",
@@ -100,6 +102,7 @@ def valid_bundle(path: Path, target: str, quant: str, max_size: str | None = Non
               "target": m["target"] == target, "scheme": m["quant"]["name"] == quant,
               "context": m["max_context"] >= CONTEXT, f"{runtime} version": m["versions"].get(runtime) == version(runtime),
               "in-place caches (issue 9)": target != "executorch" or "attention" in m["target_info"],
+              "matmul local attention (issue 9)": target != "executorch" or "matmuls" in m["target_info"].get("attention", ""),
               "accuracy_level 4 (issue 9)": target != "onnx" or quant not in ("int8", "int4", "int4b32")
               or m["target_info"].get("accuracy_level") == 4,
               "GroupQueryAttention (issue 9)": target != "onnx" or quant == "fp16"

@@ -200,7 +200,8 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec: ExportSpec, log=print) 
             "metadata": metadata(model, spec.context, spec.chunk),
             "cache": "mutable buffers [1, slots, n_kv, head_dim] in the program, zero-initialised, written in place "
                      "(llama::update_cache); local rings of window + chunk - 1 slots",
-            "attention": "llama::custom_sdpa (ExecuTorch's custom_ops kernels, which the runtime must link)",
+            "attention": ("local layers with one kv head: batched matmuls and softmax under a float mask, in XNNPACK; "
+                          "the others: llama::custom_sdpa (ExecuTorch's custom_ops kernels, which the runtime must link)"),
             "tied_head": "one table per use: weight-only embedding gather, 8da LM-head linear"
             if spec.scheme.name != "fp32" else "float embedding gather and float LM-head linear",
             "gelu": "tanh form spelled out (XNNPACK's gelu op is the erf form)",
