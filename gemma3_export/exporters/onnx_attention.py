@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import bundle
 
+
 @torch.library.custom_op("gemma3_export::group_query_attention", mutates_args=())
 def group_query_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, seqlens_k: Tensor,
                           total: Tensor, cos: Tensor, sin: Tensor, num_heads: int, kv_heads: int, scale: float,
