@@ -129,6 +129,11 @@ def forward_kernels(pte) -> dict[str, int]:
                    for chain in plan.chains for i in chain.instructions)
 
 
+def copying_kernels(ops: dict[str, int]) -> dict[str, int]:
+    """The kernels that would copy a cache: what the in-place program must not run."""
+    return {op: n for op, n in ops.items() if op.split(".")[0] in ("aten::index_put", "aten::copy_", "aten::expand_copy")}
+
+
 def test_one_kv_head_attends_through_matmuls_like_eager(tmp_path):
     """The 270M and 1b have one kv head: their local layers attend through XNNPACK's batched matmuls
     (executorch_cache.masked_attention; custom_sdpa's masked path is 3x slower), reading the cache
@@ -138,7 +143,7 @@ def test_one_kv_head_attends_through_matmuls_like_eager(tmp_path):
     pte.write_bytes(et.to_program(copy.deepcopy(model), CONTEXT, CHUNK, log=lambda *_: None).buffer)
     ops = forward_kernels(pte)
     assert ops["llama::custom_sdpa.out"] == 2  # the two global layers; the four local ones use matmuls
-    copying = {op: n for op, n in ops.items() if op.split(".")[0] in ("aten::index_put", "aten::copy_", "aten::expand_copy")}
+    copying = copying_kernels(ops)
     assert not copying, copying
     ids = [2] + list(np.random.default_rng(1).integers(3, 512, CONTEXT - 1))
     got = stepwise(ExecuTorchRunner(pte, CONTEXT, CHUNK), ids, SIZES)
@@ -153,7 +158,7 @@ def test_caches_are_written_in_place_and_never_copied(which, fp32_bundle, q_bund
     """Issue 9: the caches are updated by llama::update_cache* in place and read by llama::custom_sdpa;
     no kernel copies, expands or index_puts anything (before: every cache twice per step)."""
     ops = forward_kernels((fp32_bundle if which == "fp32" else q_bundle) / "model.pte")
-    copying = {op: n for op, n in ops.items() if op.split(".")[0] in ("aten::index_put", "aten::copy_", "aten::expand_copy")}
+    copying = copying_kernels(ops)
     assert not copying, copying
     layers = 6
     assert ops["llama::custom_sdpa.out"] == layers

@@ -1,9 +1,9 @@
 """Attention as onnxruntime's fused `GroupQueryAttention` (com.microsoft) in the ONNX graph (issue 9).
 
 torch.onnx spells our attention as ~40 nodes per layer: rotary as Split/Neg/Concat/Mul, the cache write
-as ScatterElements, scores over every static slot, a Where mask, Softmax. On the real 270M that glue took
-85 of 220 ms of a 128-token prefill (global layers score all 2048 slots), against 13 ms for the one
-GroupQueryAttention node per layer of onnxruntime-genai's build of the same weights (docs/onnx.md).
+as ScatterElements, scores over every static slot, a Where mask, Softmax. On the real 270M that took
+94 of 224 ms of a 128-token prefill (global layers score all 2048 slots), against 25 of 144 ms with one
+GroupQueryAttention node per layer, the node onnxruntime-genai's builder emits (docs/onnx.md).
 So for the float-compute schemes each layer's attention is swapped, at export only, for one custom op
 that the ONNX exporter translates to GroupQueryAttention:
 - q and k are normalised (QK-norm, a SimplifiedLayerNormalization) and enter unrotated; the op applies
