@@ -62,7 +62,10 @@ OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w"
              # before GroupQueryAttention (issue 9): copy an older export there to compare
              "onnx-int4b32-decomposed": "bundles/kept/onnx-int4b32-decomposed",
              # 8da4w whose local layers attend through custom_sdpa's masked path (before 2026-11-28)
-             "et-8da4w-sdpa": "bundles/kept/et-8da4w-sdpa"}
+             "et-8da4w-sdpa": "bundles/kept/et-8da4w-sdpa",
+             # int4b32 in one file, the gather and the head on one table initializer (before 2026-11-28's
+             # data file with the gathered table mapped apart and the head in pieces; exporters/onnx.py::save)
+             "onnx-int4b32-one-file": "bundles/kept/onnx-int4b32-one-file"}
 SYSTEMS = (*OURS, *OURS_VARIANTS, *OURS_KEPT, *PEER_SYSTEMS)
 # where earlier benchmark runs left our bundles (reused when valid)
 REUSE = {"et-8da4w": "bundles/bench-et/gemma3-270m-executorch-8da4w", "et-fp32": "bundles/bench-et/gemma3-270m-executorch-fp32",
@@ -107,6 +110,7 @@ def valid_bundle(path: Path, target: str, quant: str, max_size: str | None = Non
               or m["target_info"].get("accuracy_level") == 4,
               "GroupQueryAttention (issue 9)": target != "onnx" or quant == "fp16"
               or m["target_info"].get("attention", "").startswith("GroupQueryAttention"),
+              "gathered table mapped apart (issue 9)": target != "onnx" or "gathered_tables" in m["target_info"],
               "--max-size": _budget(m["target_info"]) == (parse_size(max_size) if max_size else None)}
     bad = [k for k, ok in checks.items() if not ok]
     return f"{path}: {', '.join(bad)} differ" if bad else None
@@ -418,32 +422,37 @@ print(json.dumps({"read_1t_gb_s": read(1), "read_2t_gb_s": read(2), "copy_1t_gb_
 
 
 def onnx_decode_bytes(files: list[Path]) -> tuple[int, int]:
-    """(bytes of all initializers, bytes of those only gathered from: an embedding read one row a token)."""
+    """(bytes of all initializers, bytes of those only gathered from: an embedding read one row a token).
+    Counted by where the bytes are stored: an initializer over bytes of the data file another one also
+    names (our bundles' gathered tables and head pieces, exporters/onnx.py::save) counts them once, as
+    multiplied when any node but a gather reads them."""
+    import numpy as np
     import onnx
-    from onnx import numpy_helper  # noqa: F401
 
     model = onnx.load(str(files[0]), load_external_data=False)
-    size = {}
+    place = {}  # name -> (file, start, end); inline initializers get a file of their own name
     for init in model.graph.initializer:
         ext = {e.key: e.value for e in init.external_data}
         if "length" in ext:
-            size[init.name] = int(ext["length"])
-        elif init.raw_data:
-            size[init.name] = len(init.raw_data)
+            start = int(ext.get("offset", 0))
+            place[init.name] = (ext["location"], start, start + int(ext["length"]))
         else:
-            import numpy as np
+            n = len(init.raw_data) if init.raw_data else (
+                int(np.prod(init.dims)) if init.dims else 1) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+            place[init.name] = (f"inline:{init.name}", 0, n)
+    multiplied = {place[name] for node in model.graph.node for i, name in enumerate(node.input)
+                  if name in place and not (node.op_type in ("Gather", "GatherBlockQuantized") and i in (0, 2, 3))}
 
-            n = int(np.prod(init.dims)) if init.dims else 1
-            size[init.name] = n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-    users: dict[str, set] = {}
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in size:
-                users.setdefault(name, set()).add((node.op_type, i))
-    gathered = sum(size[n] for n, u in users.items()
-                   if all(op in ("Gather", "GatherBlockQuantized") and i in (0, 2, 3) for op, i in u)
-                   and size[n] > 1_000_000)
-    return sum(size.values()), gathered
+    def union(ranges) -> int:
+        total, end = 0, {}
+        for file, start, stop in sorted(ranges):
+            start = max(start, end.get(file, 0))
+            total += max(0, stop - start)
+            end[file] = max(end.get(file, 0), stop)
+        return total
+
+    everything = union(place.values())
+    return everything, everything - union(multiplied)
 
 
 def pte_gathered_bytes(path: Path, vocab: int) -> int:
@@ -476,7 +485,9 @@ def decode_bytes(name: str, path: Path, position: int) -> dict:
     if name in OURS or name in OURS_VARIANTS or name in OURS_KEPT:
         from gemma3_export.bundle import read_bundle
 
-        files = [read_bundle(path).artifact]
+        artifact = read_bundle(path).artifact
+        files = [artifact, *([artifact.with_name(artifact.name + ".data")] if artifact.suffix == ".onnx" and
+                             artifact.with_name(artifact.name + ".data").exists() else [])]
     total = sum(f.stat().st_size for f in files)
     if files[0].suffix == ".onnx":
         _, gathered = onnx_decode_bytes(files)

@@ -1,11 +1,11 @@
-"""Where an ONNX bundle's peak resident memory goes, and what three session-side changes give (issue 9):
+"""Where an ONNX bundle's peak resident memory goes, and what session-side changes give (issue 9):
 onnxruntime's CPU memory arena off, its weight prepacking off (`session.disable_prepacking`: the
-kernels' packed copies of the weights are not made), the weights in an external data file (and that
-with the arena off). Each variant in a fresh
-process, alternating, on 2 threads: VmHWM after `import` + session creation, and after the
-compare.py-like workload (a 128-token prefill, 64 decode steps, a 1024-token prefill).
+kernels' packed copies of the weights are not made), and with `--before` the same model in an earlier
+layout (the weights inside model.onnx, the gather and the head on one table initializer). Each
+variant in a fresh process, alternating, on 2 threads: VmHWM after `import` + session creation, and
+after the compare.py-like workload (a 128-token prefill, 64 decode steps, a 1024-token prefill).
 
-    python benchmarks/onnx_session_memory.py BUNDLE [--repeats 2] [--json docs/onnx_session_memory.json]
+    python benchmarks/onnx_session_memory.py BUNDLE [--before BUNDLE] [--repeats 2] [--json docs/onnx_session_memory.json]
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,39 +59,27 @@ def child(bundle: str, mode: str) -> None:
                       "prefill_1024_tok_s": 1024 / (time.perf_counter() - start)}))
 
 
-def external_copy(bundle: Path, folder: Path) -> Path:
-    """The bundle with its initializers in model.onnx.data (the exporter's form above 1 GB)."""
-    import onnx
-
-    out = folder / "external"
-    shutil.copytree(bundle, out)
-    (out / "model.onnx").unlink()
-    onnx.save_model(onnx.load(str(bundle / "model.onnx")), str(out / "model.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
+    ap.add_argument("--before", help="the same model exported in an earlier layout (e.g. bundles/kept/onnx-int4b32-one-file)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(*args.child)
-    with tempfile.TemporaryDirectory() as tmp:
-        external = str(external_copy(Path(args.bundle), Path(tmp)))
-        variants = {"as exported": (args.bundle, "default"), "arena off": (args.bundle, "no-arena"),
-                    "prepacking off": (args.bundle, "no-prepack"), "external data": (external, "default"),
-                    "external data, arena off": (external, "no-arena")}
-        runs: dict[str, list[dict]] = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, (bundle, mode) in variants.items():
-                out = subprocess.run([sys.executable, __file__, args.bundle, "--child", bundle, mode],
-                                     capture_output=True, text=True, check=True)
-                runs[name].append(json.loads(out.stdout.splitlines()[-1]))
-                print(name, runs[name][-1], f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    variants = {"as exported": (args.bundle, "default"), "arena off": (args.bundle, "no-arena"),
+                "prepacking off": (args.bundle, "no-prepack")}
+    if args.before:
+        variants["before (--before)"] = (args.before, "default")
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, (bundle, mode) in variants.items():
+            out = subprocess.run([sys.executable, __file__, args.bundle, "--child", bundle, mode],
+                                 capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.splitlines()[-1]))
+            print(name, runs[name][-1], f"load average {os.getloadavg()[0]:.2f}", flush=True)
     result = {"command": " ".join(["python", *sys.argv]), "bundle": args.bundle,
               "medians": {name: {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]} for name, rs in runs.items()},
               "runs": runs}

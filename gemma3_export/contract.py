@@ -139,8 +139,8 @@ def example_manifest(target: str) -> dict:
         common["inputs"] += [{"name": nm, "shape": shape, "dtype": "float32"} for nm, shape in caches]
         common["outputs"] += [{"name": nm.replace("_cache_", "_cache_out_"), "shape": shape, "dtype": "float32"}
                               for nm, shape in caches]
-        extra = {"artifact": "model.onnx", "target_info": {"opset": 21, "layers": n}}
-        files = ["model.onnx"]
+        extra = {"artifact": "model.onnx", "target_info": {"opset": 21, "layers": n, "external_data": "model.onnx.data"}}
+        files = ["model.onnx", "model.onnx.data"]
     elif target == "executorch":
         metadata = {"get_max_seq_len": C, "get_max_context_len": ctx, "get_vocab_size": vocab, "get_bos_id": 2,
                     "get_eos_ids": [1, 106], "use_kv_cache": True, "enable_dynamic_shape": C > 1}

@@ -16,6 +16,7 @@ import torch
 from gguf.quants import quantize
 from onnx import helper, numpy_helper
 
+from gemma3_export.bundle import read_bundle
 from gemma3_export import pipeline
 from gemma3_export.cli import main
 from gemma3_export.gguf_grid import read_gguf_grid
@@ -156,7 +157,7 @@ def full_and_split(gguf_file, tmp_path_factory):
     full = pipeline.export(**kw, out=tmp / "full")
     text = tmp / "text.txt"
     text.write_text("The cat sat on the mat. A dog ran to the park and back again. " * 20)
-    budget = (full / "model.onnx").stat().st_size - 30_000
+    budget = read_bundle(full).artifact_bytes - 30_000
     split = pipeline.export(**kw, out=tmp / "split", max_size=f"{budget}B", data=[str(text)])
     return full, split, budget, text
 
@@ -175,7 +176,7 @@ def test_max_size_rounds_the_least_used_table_rows(gguf_file, full_and_split):
     from gemma3_export.vocab_rows import importance, row_order
 
     full, split, budget, text = full_and_split
-    assert (split / "model.onnx").stat().st_size <= budget
+    assert read_bundle(split).artifact_bytes <= budget
     target_info = json.loads((split / "manifest.json").read_text())["target_info"]
     info = target_info["table_split"]
     assert target_info["tensors"]["model.embed_tokens.weight"] == (

@@ -12,6 +12,7 @@ import torch
 from conftest import split_siblings, tiny_model
 from onnx import numpy_helper
 
+from gemma3_export.bundle import read_bundle
 from gemma3_export import pipeline, sensitivity
 from gemma3_export.exporters import onnx as onnx_export
 from gemma3_export.load import load_model
@@ -72,7 +73,7 @@ def mixed(tmp_path_factory):
     plain = pipeline.export(**kw, out=tmp / "plain")
     text = tmp / "text.txt"
     text.write_text("The cat sat on the mat. A dog ran to the park and back again. " * 20)
-    budget = (plain / "model.onnx").stat().st_size + (1 << 14) + 40_000  # 40 kB over every matrix at int4
+    budget = read_bundle(plain).artifact_bytes + (1 << 14) + 40_000  # 40 kB over every matrix at int4
     mix = pipeline.export(**kw, out=tmp / "mix", max_size=f"{budget}B", data=[str(text)])
     return plain, mix, budget, text
 
@@ -102,7 +103,7 @@ def test_max_size_raises_the_most_sensitive_matrices_and_table_rows_to_int8(mixe
     from gemma3_export.vocab_rows import importance, int4_rows_of, row_order
 
     plain, mix, budget, text = mixed
-    assert (mix / "model.onnx").stat().st_size <= budget
+    assert read_bundle(mix).artifact_bytes <= budget
     info = json.loads((mix / "manifest.json").read_text())["target_info"]
     raised, tensors = info["mix"]["raised"], info["tensors"]
     assert info["mix"]["ranking"].endswith("text.txt") and len(tensors) == 43
@@ -135,7 +136,7 @@ def test_max_size_raises_the_most_sensitive_matrices_and_table_rows_to_int8(mixe
     # up to the split's and the unfused siblings' few nodes
     extra = onnx_export.raise_costs("int4b32-asym", sensitivity.matrices(model))
     spent = sum(extra[n] for n in layers) + len(kept) * 32 + 4 * 512
-    grew = (mix / "model.onnx").stat().st_size - (plain / "model.onnx").stat().st_size
+    grew = read_bundle(mix).artifact_bytes - read_bundle(plain).artifact_bytes
     assert spent <= grew < spent + 8192, (spent, grew)
 
 

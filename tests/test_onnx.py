@@ -163,7 +163,7 @@ def _optimized_graph(bundle: Path, tmp_path: Path):
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(bundle / "model.onnx"), options)
-    return onnx.load(tmp_path / "optimized.onnx").graph
+    return onnx.load(tmp_path / "optimized.onnx", load_external_data=False).graph  # the nodes, not the weights
 
 
 def test_attention_is_one_fused_node_per_layer_writing_its_cache_in_place(tmp_path):
@@ -288,9 +288,12 @@ def test_int4b32_stores_the_simulated_grid_once():
     assert not [t for t in graph.initializer if sorted(t.dims) == [64, 512]]  # no float embedding or head
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
-    assert gather.input[0] == head.input[1]  # one table for the embedding and the head
-    scales_of_gather = next(n for n in graph.node if gather.input[2] in n.output)
-    assert scales_of_gather.op_type == "Reshape" and scales_of_gather.input[0] == head.input[2]  # and one set of scales
+    # one stored table and one set of scales for the embedding and the head, read through initializers of
+    # their own (`alias_gathered_tables`): the same bytes of the data file, the scales without a Reshape
+    places = _places(tiny_bundle("int4b32"))
+    for gathered, head_input in ((gather.input[0], head.input[1]), (gather.input[2], head.input[2])):
+        assert gathered != head_input and places[gathered] == places[head_input]
+    assert not [n for n in graph.node if n.op_type == "Reshape" and gather.input[2] in n.output]
     # Every matrix (the head included) holds exactly the codes and scales of the eager simulation.
     stored = []
     for n in graph.node:
@@ -303,6 +306,121 @@ def test_int4b32_stores_the_simulated_grid_once():
     for linear in [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
         want = onnx_export.fake_nbits(linear.weight, 4, 32).numpy()
         assert any(s.shape == want.shape and np.array_equal(s, want) for s in stored)
+
+
+def _places(bundle: Path) -> dict[str, tuple[str, int, int]]:
+    """Each initializer's place in the bundle's data file: (file, offset, length); inline ones left out."""
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    places = {}
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            e = {x.key: x.value for x in t.external_data}
+            places[t.name] = (e["location"], int(e.get("offset", 0)), int(e["length"]))
+    return places
+
+
+def test_weights_are_stored_once_in_the_data_file():
+    """Every weight over 1 KB is in model.onnx.data; the file is exactly the bytes the initializers name
+    (aliases share theirs: nothing stored twice, nothing left unreferenced)."""
+    bundle = tiny_bundle("int4b32")
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    inline = [t.name for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() > 1100]
+    assert not inline
+    covered, end = 0, 0
+    for _, offset, length in sorted(set(_places(bundle).values()), key=lambda p: p[1]):
+        assert offset >= end  # ranges are either the same (an alias) or apart
+        covered, end = covered + length, offset + length
+    assert covered == (bundle / "model.onnx.data").stat().st_size
+    manifest = read_bundle(bundle).manifest
+    assert manifest["target_info"]["external_data"] == "model.onnx.data"
+    assert manifest["target_info"]["gathered_tables"] == ["head_t_Q4", "head_t_scales"]
+
+
+def test_a_head_split_into_pieces_computes_the_same_logits(tmp_path):
+    """`split_heads` (the 270M's head: 4 pieces of 65,536 rows) on the tiny head in pieces of 200 rows
+    (512 = 200 + 200 + 112): each piece over its own slice of the head's bytes, the same logits."""
+    whole = tiny_bundle("int4b32")
+    split = tmp_path / "split"
+    shutil.copytree(whole, split)
+    model = onnx.load(str(split / "model.onnx"), load_external_data=False)
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("head_t"))
+    assert onnx_export.split_heads(model.graph, 200) == 3
+    onnx.save_model(model, split / "model.onnx")
+    places = _places(split)
+    pieces = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith(head.name)]
+    assert [onnx_export._attrs(n)["N"] for n in pieces] == [200, 200, 112]
+    for i in (1, 2):  # B and scales: the pieces tile the head's bytes in order
+        tiles = [places[n.input[i]] for n in pieces]
+        assert all(a[1] + a[2] == b[1] for a, b in zip(tiles, tiles[1:]))
+        assert (tiles[0][1], sum(t[2] for t in tiles)) == _places(whole)[head.input[i]][1:]
+    runners = [OnnxRunner.from_bundle(read_bundle(b, verify=False), threads=1) for b in (whole, split)]
+    ids = token_ids(20)
+    logits = [r.prefill(ids) for r in runners]
+    for token in (7, 300, 511):
+        logits += [r.decode(token) for r in runners]
+    for a, b in zip(logits[0::2], logits[1::2]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def _resident_bytes_of(path: Path) -> int:
+    """Bytes of `path` mapped into this process and resident (/proc/self/smaps), over all its mappings."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and ":" not in fields[0]:  # a mapping's header line
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+@pytest.mark.parametrize("layout", ["as saved", "one initializer for both"])
+def test_the_gathered_table_stays_out_of_resident_memory(tmp_path, layout):
+    """An 80 MB int4 table (64 MB of codes, 16 MB of scales) that a MatMulNBits head and a
+    GatherBlockQuantized embedding both read. As `save` lays it out, onnxruntime packs the head's pieces
+    and unmaps their codes (it keeps their scales); the gather's own mappings hold only the pages of the
+    rows it looked up, which the kernel maps in pieces of up to 2 MiB (ext4's large folios; 4 KiB
+    elsewhere). The control (the two nodes on one initializer, as before `save`'s aliases) keeps the
+    whole table resident: the measurement tells the two apart."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    vocab, hidden, block = 1 << 18, 512, 32
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 256, (vocab, hidden // block, block // 2), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.02, (vocab, hidden // block)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["head_t_scales", "shape"], ["scales_3d"]),
+             helper.make_node("GatherBlockQuantized", ["head_t_Q4", "tokens", "scales_3d"], ["embedded"],
+                              domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=block, bits=4),
+             helper.make_node("MatMulNBits", ["x", "head_t_Q4", "head_t_scales"], ["logits"], domain="com.microsoft",
+                              K=hidden, N=vocab, bits=4, block_size=block, accuracy_level=4)]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, None]),
+                        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
+        [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, vocab])],
+        [numpy_helper.from_array(table, "head_t_Q4"), numpy_helper.from_array(scales, "head_t_scales"),
+         numpy_helper.from_array(np.array([vocab, hidden // block, 1], np.int64), "shape")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    if layout == "as saved":
+        record = onnx_export.save(proto, tmp_path, piece_rows=1 << 16)
+        assert record == {"gathered_tables": ["head_t_Q4", "head_t_scales"], "head_pieces": 4}
+    else:
+        onnx.save_model(proto, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    tokens = np.array([[1000, 200000]], np.int64)
+    embedded, logits = session.run(None, {"tokens": tokens, "x": np.ones((1, hidden), np.float32)})
+    codes = np.stack([table & 0xF, table >> 4], -1).reshape(vocab, hidden).astype(np.float32) - 8
+    rows = codes * np.repeat(scales, block, axis=1)
+    np.testing.assert_allclose(embedded.reshape(2, hidden), rows[tokens[0]], rtol=1e-6)
+    np.testing.assert_allclose(logits[0], rows.sum(1), rtol=2e-2, atol=0.5)  # int8 inputs: 1.0 is exact
+    stored = table.nbytes + scales.nbytes
+    resident = _resident_bytes_of(tmp_path / "model.onnx.data")
+    if layout == "as saved":  # the pieces' scales, and for each token a page of codes and one of scales
+        assert resident <= scales.nbytes + 2 * 2 * (2 << 20), resident
+    else:
+        assert resident >= 0.95 * stored, resident
 
 
 def test_int4b32_asym_stores_zero_points_for_the_layers_and_a_symmetric_table(small, tmp_path):

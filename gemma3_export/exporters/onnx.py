@@ -34,6 +34,7 @@ import copy
 import hashlib
 import logging
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator
@@ -51,8 +52,9 @@ from . import onnx_attention
 from .onnx_attention import fused_attention, translation_table
 
 OPSET = 21
-ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"
-EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to an external data file (protobuf stops at 2 GB)
+ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"  # the graph, and every weight over 1 KB (`save`)
+# the LM head's MatMulNBits is split into pieces of this many output rows (`split_heads`)
+HEAD_PIECE_ROWS = 1 << 16
 NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32), "int4b32-asym": (4, 32)}  # bits, block (None: per channel)
 # Layers with an integer zero point per block (the fast kernels' form); the tied table stays symmetric:
 # the embedding gathers the head's table, and GatherBlockQuantized takes zero points only as one byte per
@@ -402,9 +404,7 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
         proto = quantize_fp8(proto, codes)
         log(f"  fp8 weights through DequantizeLinear{' (the QAT grid, as it is)' if codes else ''}")
     weight_bytes = sum(_tensor_bytes(t) for t in proto.graph.initializer)
-    external = weight_bytes > EXTERNAL_DATA_BYTES
-    onnx.save_model(proto, folder / ARTIFACT, save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=EXTERNAL_DATA, size_threshold=1024)
+    layout = save(proto, folder)
     size = sum(f.stat().st_size for f in (folder / ARTIFACT, folder / EXTERNAL_DATA) if f.exists())
     if spec.max_size and size > spec.max_size:
         raise RuntimeError(f"the artifact is {size} bytes, over --max-size {spec.max_size}: the estimate is wrong")
@@ -428,8 +428,9 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
         "prefill_chunks": list(range(1, spec.chunk + 1)),
         "target_info": {
             "opset": OPSET,
-            "external_data": EXTERNAL_DATA if external else None,
+            "external_data": EXTERNAL_DATA,
             "weight_bytes": weight_bytes,
+            **layout,
             "accuracy_level": accuracy_level,
             "tied_head": "Gemm on the embedding table" if scheme in ("fp32", "fp16")
             else "one quantized table for the head MatMul and the embedding gather",
@@ -514,6 +515,129 @@ def _quiet() -> Iterator[None]:
     finally:
         for log, level in zip(loggers, levels):
             log.setLevel(level)
+
+
+# -- the saved layout: weights in a data file onnxruntime maps -------------------------------------
+
+
+def save(proto, folder: Path, piece_rows: int = HEAD_PIECE_ROWS) -> dict:
+    """Write model.onnx (the graph) and model.onnx.data (every weight over 1 KB, in order, unpadded).
+    onnxruntime maps the data file rather than reading it, one mapping per initializer, and drops a
+    weight's mapping once a kernel has packed it (MatMulNBits, Gemm) and nothing else reads it. Two
+    rewrites of the saved graph make that keep the tied table out of resident memory without storing
+    it twice (docs/onnx.md, "Memory"): the embedding's gather reads the table through initializers of
+    its own over the same bytes (`alias_gathered_tables`), so only the rows it looks up are ever
+    paged in; and the head is split by rows (`split_heads`), so each piece's mapping is dropped right
+    after it is packed and loading never holds the whole stored table beside its packed copy.
+    Returns the manifest's record of both."""
+    import onnx
+
+    onnx.save_model(proto, folder / ARTIFACT, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA, size_threshold=1024)
+    model = onnx.load(str(folder / ARTIFACT), load_external_data=False)
+    gathered = alias_gathered_tables(model.graph)
+    pieces = split_heads(model.graph, piece_rows)
+    onnx.save_model(model, folder / ARTIFACT)  # the graph alone: its tensors keep their places in the data file
+    shutil.copymode(folder / ARTIFACT, folder / EXTERNAL_DATA)  # onnx creates the data file owner-only
+    return {"gathered_tables": gathered, "head_pieces": pieces}
+
+
+def _external(t) -> dict | None:
+    import onnx
+
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in t.external_data}
+
+
+def _alias(graph, t, name: str, dims: list[int], start: int = 0, length: int | None = None):
+    """A new initializer `name` over bytes [start, start + length) of external initializer `t`'s data."""
+    import onnx
+
+    ext = _external(t)
+    alias = onnx.TensorProto(name=name, data_type=t.data_type, dims=dims, data_location=onnx.TensorProto.EXTERNAL)
+    length = int(ext["length"]) - start if length is None else length
+    for key, value in (("location", ext["location"]), ("offset", str(int(ext.get("offset", 0)) + start)),
+                       ("length", str(length))):
+        alias.external_data.add(key=key, value=value)
+    graph.initializer.append(alias)
+    return alias
+
+
+def alias_gathered_tables(graph) -> list[str]:
+    """Each Gather / GatherBlockQuantized that reads a stored table another node also reads (the tied
+    embedding / LM head) reads it through an alias: an initializer of its own over the same bytes of
+    the data file. A stored tensor reshaped for the gather (the head's scales, [V, k_blocks] ->
+    [V, k_blocks, 1]) becomes an alias of that shape and the Reshape goes. Returns the tables aliased."""
+    from onnx import numpy_helper
+
+    inits = _initializers(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    aliased = []
+    for node in [n for n in graph.node if n.op_type in ("Gather", "GatherBlockQuantized")]:
+        data_inputs = (0, 2, 3) if node.op_type == "GatherBlockQuantized" else (0,)
+        for i in (i for i in data_inputs if i < len(node.input) and node.input[i]):
+            name, source, dims = node.input[i], None, None
+            if name in inits and _external(inits[name]) and readers[name] > 1:
+                source, dims = inits[name], list(inits[name].dims)
+            elif name in producer and producer[name].op_type == "Reshape":
+                data, shape = producer[name].input[:2]
+                if data in inits and _external(inits[data]) and shape in inits:
+                    source, dims = inits[data], numpy_helper.to_array(inits[shape]).tolist()
+                    if -1 in dims:
+                        dims[dims.index(-1)] = -math.prod(source.dims) // math.prod(dims)
+            if source is None:
+                continue
+            node.input[i] = _alias(graph, source, f"{source.name}_gathered", dims).name
+            aliased.append(source.name)
+    for node in [n for n in graph.node if n.op_type == "Reshape"]:
+        if not any(node.output[0] in other.input for other in graph.node) and node.output[0] not in {
+                o.name for o in graph.output}:
+            graph.node.remove(node)
+    _drop_unused_initializers(graph)
+    return aliased
+
+
+def split_heads(graph, rows: int) -> int:
+    """Each LM head MatMulNBits (`_heads`) over more than `rows` output rows (the 270M's: 262,144)
+    becomes pieces of `rows` rows over their own slices of the data file, and a Concat of their
+    outputs. (The layers' matrices are small enough to pack whole: 4,096 rows on the 270M.) Every stored
+    input of MatMulNBits but A (B, scales, zero points, bias) is laid out by output row, so a piece's
+    slice is contiguous. Returns the number of pieces written (0: nothing split)."""
+    from onnx import helper
+
+    inits = _initializers(graph)
+    written = 0
+    for node in _heads(graph):
+        attrs = _attrs(node)
+        n = attrs["N"]
+        stored = [inits.get(name) for name in node.input[1:]]
+        if n <= rows or stored[0] is None or any(t is not None and not _external(t) for t in stored) or (
+                len(node.input) > 4 and node.input[4]):  # g_idx is laid out by input, not output, row
+            continue
+        pieces, outputs = [], []
+        for p, first in enumerate(range(0, n, rows)):
+            count = min(rows, n - first)
+            inputs = [node.input[0]]
+            for name, t in zip(node.input[1:], stored):
+                if t is None:
+                    inputs.append(name)
+                    continue
+                per_row = int(_external(t)["length"]) // n
+                dims = [count, *t.dims[1:]] if len(t.dims) > 1 else [t.dims[0] // n * count]
+                inputs.append(_alias(graph, t, f"{name}_rows{p}", dims, first * per_row, count * per_row).name)
+            outputs.append(f"{node.output[0]}_rows{p}")
+            pieces.append(helper.make_node("MatMulNBits", inputs, [outputs[-1]], name=f"{node.name}_rows{p}",
+                                           domain="com.microsoft", **{**attrs, "N": count}))
+        _replace_node(graph, node, [*pieces, helper.make_node("Concat", outputs, [node.output[0]],
+                                                              name=f"{node.name}_concat", axis=-1)])
+        written += len(pieces)
+    _drop_unused_initializers(graph)
+    return written
 
 
 def _name_nodes(graph) -> None:
@@ -1088,19 +1212,25 @@ def _rows_within(budget: int, order: Callable[[], np.ndarray], record: dict, log
     return table_rows
 
 
+EXTERNAL_REF_BYTES = 80  # a weight's place in the data file (location, offset, length) in the graph: 60-70 measured
+
+
 def _saved_bytes(graph, without: str | None = None, whole: bool = True) -> int:
-    """The bytes the graph would save to now, less the initializer `without`. protobuf measures a
-    message under 2 GB; a larger graph (or `whole=False`) is summed by part (torch.export's metadata
-    included), with 12 bytes per part for its field tag and length (the 270M's graph: 10.2 on average)."""
+    """The bytes the graph would save to now (`save`: model.onnx and its data file), less the
+    initializer `without`. protobuf measures a message under 2 GB; a larger graph (or `whole=False`) is
+    summed by part (torch.export's metadata included), with 12 bytes per part for its field tag and
+    length (the 270M's graph: 10.2 on average). Each weight that goes to the data file leaves a
+    reference of at most EXTERNAL_REF_BYTES in the graph."""
     dropped = next(t for t in graph.initializer if t.name == without).ByteSize() if without else 0
+    refs = EXTERNAL_REF_BYTES * sum(1 for t in graph.initializer if t.name != without and _tensor_bytes(t) >= 1024)
     try:
         if whole:
-            return graph.ByteSize() - dropped
+            return graph.ByteSize() - dropped + refs
     except (ValueError, OverflowError):
         pass
     parts = [*graph.initializer, *graph.node, *graph.value_info, *graph.input, *graph.output, *graph.metadata_props]
     strings = len(graph.name.encode()) + len(graph.doc_string.encode())
-    return sum(x.ByteSize() + 12 for x in parts) + strings + 24 - dropped
+    return sum(x.ByteSize() + 12 for x in parts) + strings + 24 - dropped + refs
 
 
 def quantize_fp8(proto, codes: Callable | None = None):
