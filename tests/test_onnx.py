@@ -423,6 +423,25 @@ def test_the_gathered_table_stays_out_of_resident_memory(tmp_path, layout):
         assert resident >= 0.95 * stored, resident
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_the_runner_drops_the_pages_onnxruntime_read_to_pack(tmp_path):
+    """onnxruntime alone leaves the data file's pages it read while packing resident; the runner drops
+    them (`release_mapped_weights`), and reads that follow fault back only what they touch."""
+    import onnxruntime as ort
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle("int4b32"), bundle)  # a folder of its own: no other test's mappings
+    data = (bundle / "model.onnx.data").resolve()
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    packed_alone = _resident_bytes_of(data)
+    assert packed_alone > 0  # (on the tiny model: 100 of its 217 KB)
+    runner = OnnxRunner.from_bundle(read_bundle(bundle), threads=1)  # drops the control session's pages too
+    assert _resident_bytes_of(data) == 0
+    logits = runner.prefill(token_ids(12))
+    assert np.isfinite(logits).all() and _resident_bytes_of(data) < packed_alone
+    del session
+
+
 def test_int4b32_asym_stores_zero_points_for_the_layers_and_a_symmetric_table(small, tmp_path):
     model, _, _ = small
     onnx_export.export(model, tmp_path, make_spec("tiny", "onnx", "int4b32-asym", CONTEXT, CHUNK), log=lambda *_: None)

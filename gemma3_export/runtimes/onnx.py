@@ -33,6 +33,41 @@ def session_options(threads: int | None, spin: bool = True):
     return options
 
 
+MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages from the process (file pages return on the next read)
+
+
+def release_mapped_weights(folder: Path) -> int:
+    """Drop from this process the resident pages of its mappings of files in `folder` that hold no
+    written page (Linux; elsewhere nothing). onnxruntime maps a bundle's model.onnx.data (private,
+    copy-on-write) and reads most of it once, to pack the weights for its kernels; what stays mapped
+    afterwards is either never read again (the head pieces' scales, which MatMulNBits keeps as inputs
+    after copying them into its packed form) or read a few rows at a time (the embedding's aliases of
+    the table). A mapping none of whose pages was written ("Anonymous: 0 kB" in /proc/self/smaps) holds
+    clean copies of the file: dropping them loses nothing, and a later read faults them back in from the
+    page cache. Returns the bytes advised."""
+    import ctypes
+    import os
+
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return 0
+    folder = os.path.realpath(folder)
+    mappings, current = [], None
+    for line in smaps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping: address perms offset dev inode [path]
+            inside = len(fields) == 6 and os.path.dirname(fields[5]) == folder
+            current = [*(int(x, 16) for x in fields[0].split("-")), 0] if inside else None
+            if current:
+                mappings.append(current)
+        elif current and fields[0] == "Anonymous:":
+            current[2] = int(fields[1])
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return sum(end - start for start, end, written in mappings
+               if not written and madvise(start, end - start, MADV_DONTNEED) == 0)
+
+
 class OnnxRunner(Runner):
     """Chunked prefill and decode over an ONNX artifact in onnxruntime (CPU)."""
 
@@ -46,6 +81,7 @@ class OnnxRunner(Runner):
             self.session = ort.InferenceSession(str(path), session_options(threads, spin), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise UserError(f"onnxruntime cannot load {path} ({type(e).__name__}); export the bundle again.") from None
+        release_mapped_weights(Path(path).parent)  # the packed weights are onnxruntime's own now
         got = [v.name for v in self.session.get_inputs()], [v.name for v in self.session.get_outputs()]
         want = [v["name"] for v in inputs], [v["name"] for v in outputs]
         if got != want:
