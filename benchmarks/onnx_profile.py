@@ -57,7 +57,8 @@ def head_nodes(bundle: str, vocab: int) -> set[str]:
 
     g = onnx.load(str(read_bundle(bundle).artifact), load_external_data=False).graph
     big = {i.name for i in g.initializer if i.dims and i.dims[0] == vocab}
-    return {n.name for n in g.node if n.op_type.startswith("MatMul") and any(x in big for x in n.input)}
+    return {n.name for n in g.node if n.op_type.startswith("MatMul") and  # the head whole, or its pieces
+            (any(x in big for x in n.input) or (len(n.input) > 1 and n.input[1].startswith("head_t")))}
 
 
 def bucket(op: str, node: str, head: set[str]) -> str:
