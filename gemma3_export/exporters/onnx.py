@@ -362,7 +362,7 @@ def simulate(model: nn.Module, scheme: str, grid=None, accuracy_level: int = ACC
 
 
 def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int | None = None) -> dict:
-    """Write model.onnx (+ model.onnx.data for large models) into `folder`; return manifest fields.
+    """Write model.onnx and model.onnx.data (`save`) into `folder`; return manifest fields.
     `accuracy_level` (MatMulNBits: 4 = int8 compute, 0 = fp32) applies to int8/int4/int4b32 (default
     ACCURACY_LEVEL); gguf always runs at ACCURACY_LEVEL."""
     import onnx
