@@ -577,7 +577,7 @@ def alias_gathered_tables(graph) -> list[str]:
     for node in graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-    aliased = []
+    aliased, reshapes = [], []
     for node in [n for n in graph.node if n.op_type in ("Gather", "GatherBlockQuantized")]:
         data_inputs = (0, 2, 3) if node.op_type == "GatherBlockQuantized" else (0,)
         for i in (i for i in data_inputs if i < len(node.input) and node.input[i]):
@@ -590,13 +590,14 @@ def alias_gathered_tables(graph) -> list[str]:
                     source, dims = inits[data], numpy_helper.to_array(inits[shape]).tolist()
                     if -1 in dims:
                         dims[dims.index(-1)] = -math.prod(source.dims) // math.prod(dims)
+                    reshapes.append(producer[name])
             if source is None:
                 continue
             node.input[i] = _alias(graph, source, f"{source.name}_gathered", dims).name
             aliased.append(source.name)
-    for node in [n for n in graph.node if n.op_type == "Reshape"]:
-        if not any(node.output[0] in other.input for other in graph.node) and node.output[0] not in {
-                o.name for o in graph.output}:
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in reshapes:
+        if node.output[0] not in read:  # the gather was its only reader
             graph.node.remove(node)
     _drop_unused_initializers(graph)
     return aliased
