@@ -20,7 +20,9 @@ the zero point within 0..255; 17 on the embedded 270M).
 
 `read_gguf_grid(path)` unpacks every linear/embedding tensor's raw blocks (the same bit layouts as
 gguf-py's `dequantize_blocks`) into `GGUFTensor`s keyed by Hugging Face name; `dequantize()` gives the
-values the artifact computes with. Nothing here rounds.
+values the artifact computes with. Nothing here rounds. A Q4_K tensor also carries its blocks as the file
+holds them (`offsets`: codes 0..15, scale d * sc and offset dmin * m per block, exact in fp32), for a
+target that takes float offsets (Core ML, exporters/coreml_gguf.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class GGUFTensor:
     bits: int
     block: int
     exact: str  # "bit for bit", or how close
+    offsets: OffsetBlocks | None = None  # Q4_K: the file's own form (float offsets), beside the stored one
 
     def dequantize(self) -> np.ndarray:
         n, k = self.u.shape
@@ -55,6 +58,20 @@ class GGUFTensor:
     def describe(self) -> str:
         zp = ", zero points" if self.zero_points is not None else ""
         return f"{self.source} -> int{self.bits} block {self.block}{zp} ({self.exact})"
+
+
+@dataclass
+class OffsetBlocks:
+    """A Q4_K weight [N, K] as the file holds it: w = scale * q - offset per block of 32 along K."""
+
+    q: np.ndarray  # uint8 [N, K], 0..15
+    scale: np.ndarray  # float32 [N, K / 32]: d * sc (exact)
+    offset: np.ndarray  # float32 [N, K / 32]: dmin * m (exact)
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.q.shape
+        q = self.q.astype(np.float32).reshape(n, k // 32, 32)
+        return (q * self.scale[..., None] - self.offset[..., None]).reshape(n, k)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -92,7 +109,8 @@ def _q6_k(blocks: np.ndarray):
     return (q + 128).astype(np.uint8), (d * sc).reshape(n, QK_K // 16), None, 8, 16, "bit for bit"
 
 
-def _q4_k(blocks: np.ndarray):
+def _q4_k_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks of 256 -> codes [n, 8, 32] (0..15), scale d * sc and offset dmin * m [n, 8]."""
     from gguf.quants import Q4_K
 
     n = blocks.shape[0]
@@ -102,7 +120,11 @@ def _q4_k(blocks: np.ndarray):
     q = ((qs.reshape(n, -1, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F).reshape(n, QK_K)
     scale = (d * sc.astype(np.float32)).reshape(n, 8)
     offset = (dmin * m.astype(np.float32)).reshape(n, 8)
-    return _offset_codes(q.reshape(n, 8, 32), scale, offset)
+    return q.reshape(n, 8, 32).astype(np.uint8), scale, offset
+
+
+def _q4_k(blocks: np.ndarray):
+    return _offset_codes(*_q4_k_parts(blocks))
 
 
 def _offset_codes(q: np.ndarray, scale: np.ndarray, offset: np.ndarray):
@@ -135,8 +157,12 @@ def unpack(tensor_type: str, data: np.ndarray, shape: tuple[int, int]) -> GGUFTe
     blocks = raw.reshape(-1, raw.size // (n * k // (QK_K if tensor_type.endswith("_K") else 32)))
     u, scales, zp, bits, block, exact = UNPACK[tensor_type](blocks)
     nb = k // block
+    offsets = None
+    if tensor_type == "Q4_K":
+        q, scale, offset = _q4_k_parts(blocks)
+        offsets = OffsetBlocks(q.reshape(n, k), scale.reshape(n, k // 32), offset.reshape(n, k // 32))
     return GGUFTensor(tensor_type, u.reshape(n, k), np.asarray(scales, np.float32).reshape(n, nb),
-                      None if zp is None else zp.reshape(n, nb), bits, block, exact)
+                      None if zp is None else zp.reshape(n, nb), bits, block, exact, offsets)
 
 
 def read_gguf_grid(path: str | Path) -> dict[str, GGUFTensor | str]:

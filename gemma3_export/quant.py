@@ -42,7 +42,7 @@ SCHEMES: dict[str, Scheme] = {
 TARGET_SCHEMES: dict[str, tuple[str, ...]] = {
     "onnx": ("fp32", "fp16", "int8", "int4", "int4b32", "int4b32-asym", "fp8", "gguf"),
     "executorch": ("fp32", "8da4w", "8da4w-pc", "8da8w"),
-    "coreml": ("fp16", "fp32", "int8", "int8b32", "int4", "int4b32", "int4b32-asym"),
+    "coreml": ("fp16", "fp32", "int8", "int8b32", "int4", "int4b32", "int4b32-asym", "gguf"),
 }
 
 DEFAULT_SCHEME = {"onnx": "fp32", "executorch": "8da4w", "coreml": "fp16"}
@@ -57,8 +57,8 @@ _WHY_NOT = {
     ("coreml", "fp8"): "Core ML has no fp8 weight type",
     ("onnx", "int8b32"): "8-bit MatMulNBits in blocks of 32 is what gguf stores for Q8_0 tensors; use int8 or gguf",
     ("executorch", "int8b32"): "weight-only linears lower to XNNPACK with wrong numbers; use 8da8w",
-    ("coreml", "gguf"): "the GGUF's blocks map onto onnxruntime's MatMulNBits only so far",
-    ("executorch", "gguf"): "the GGUF's blocks map onto onnxruntime's MatMulNBits only so far",
+    ("executorch", "gguf"): "the GGUF's blocks map onto Core ML's constexpr_blockwise_shift_scale and "
+                            "onnxruntime's MatMulNBits only so far",
 }
 
 

@@ -46,8 +46,8 @@ DYNAMIC_INT8 = Thresholds(None, 0.85, 0.05)
 SAME_GRID = {
     "fp32": Thresholds(1e-3, 0.99, 1e-5),
     "fp16": Thresholds(0.5, 0.95, 5e-3),
-    **dict.fromkeys(("8da4w", "8da4w-pc", "8da8w", "gguf"), DYNAMIC_INT8),
-}
+    **dict.fromkeys(("8da4w", "8da4w-pc", "8da8w"), DYNAMIC_INT8),
+}  # gguf: ONNX runs it at accuracy_level 4 (`int8_activations` below); Core ML's fp16 compute, the default
 SAME_GRID_DEFAULT = Thresholds(None, 0.95, 0.02)  # integer/fp8 grids: kernels may round activations
 # Against the float model, where the target cannot simulate its scheme: what the scheme may cost.
 VS_FLOAT = {"fp32": SAME_GRID["fp32"], "fp16": SAME_GRID["fp16"]}

@@ -96,9 +96,17 @@ def test_int4b32_asym_package_holds_the_simulated_grid(functions, tmp_path):
     weights = {n: w for n, w in stored.items() if "_quantized_" not in n}  # not the codes/scales consts
     assert len(weights) == 43
     for name, w in weights.items():
-        key = "model.embed_tokens.weight" if name == "p_lm_head_weight" else name.removeprefix("p_").replace("_proj_weight", "_proj.weight")
-        key = key.replace("model_layers_", "model.layers.").replace("_self_attn_", ".self_attn.").replace("_mlp_", ".mlp.")
-        assert torch.equal(w, sim[key].float()), name
+        assert torch.equal(w, sim[hf_name(name)].float()), name
+
+
+def hf_name(const: str) -> str:
+    """A package weight's parameter name: p_model_layers_0_mlp_up_proj_weight -> model.layers.0.mlp.up_proj.weight
+    (the tied table is the head's const, p_lm_head_weight)."""
+    const = const.removesuffix("_quantized").removesuffix("_to_fp16")
+    if const == "p_lm_head_weight":
+        return "model.embed_tokens.weight"
+    key = const.removeprefix("p_").replace("_proj_weight", "_proj.weight")
+    return key.replace("model_layers_", "model.layers.").replace("_self_attn_", ".self_attn.").replace("_mlp_", ".mlp.")
 
 
 def test_multifunction_package_stores_the_weights_once(functions, tmp_path):
@@ -317,3 +325,144 @@ def test_a_split_package_runs_as_its_simulation(split_bundle):
     with pytest.raises(UserError, match="does not match its manifest"):  # its int4 rows are not in an unsplit graph
         validate_bundle(unsplit, log=quiet)
     assert ref["top1"] >= 0.99 and ref["mean_abs"] < 0.01, ref  # fp16 compute against the fp32 reference
+
+
+# -- --quant gguf: the GGUF's own blocks as constexpr_blockwise_shift_scale (exporters/coreml_gguf.py) ----
+
+# The GGUF type per weight (the table Q4_K: the tied table keeps its float offsets); one tensor stays F32.
+GGUF_TYPES = {"q_proj": "Q4_0", "k_proj": "Q8_0", "v_proj": "Q6_K", "o_proj": "Q4_K", "gate_proj": "Q5_0",
+              "up_proj": "Q8_0", "down_proj": "Q4_K", "embed_tokens": "Q4_K"}
+F32_TENSOR = "model.layers.5.mlp.up_proj.weight"
+DTYPES = {"Q4_0": ("int4", False), "Q8_0": ("int8", False), "Q5_0": ("int8", False), "Q6_K": ("int8", False),
+          "Q4_K": ("uint4", True), "F32": ("int8", False)}  # the package's data type, and whether it has offsets
+
+
+@pytest.fixture(scope="module")
+def gguf_bundle(tmp_path_factory):
+    """A tiny GGUF (test_gguf_grid's K-quant blocks, gguf-py's Q4_0/Q5_0/Q8_0) exported with --quant gguf
+    and validated; the export's log lines."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+    from test_gguf_grid import SHAPE, _k_blocks
+
+    from gemma3_export.pipeline import export
+    from gemma3_export.tokenizer import tiny_tokenizer
+    from gemma3_export.weights import save_gguf
+
+    tmp = tmp_path_factory.mktemp("coreml-gguf")
+    model = tiny_model(**SHAPE)  # K-quants need rows of 256
+    rng, raw = np.random.default_rng(0), {}
+    for name, w in model.state_dict().items():
+        if w.dim() != 2 or name in ("lm_head.weight", F32_TENSOR):
+            continue
+        qtype = GGUF_TYPES[name.split(".")[-2]]
+        blocks = _k_blocks(qtype, *w.shape, rng) if qtype.endswith("_K") else quantize((w * 0.05).numpy(), getattr(Q, qtype))
+        raw[name] = (getattr(Q, qtype), blocks)
+    gguf = tmp / "tiny-mixed.gguf"
+    save_gguf(model, gguf, tokenizer_model=tiny_tokenizer(512).model_proto, raw=raw)
+    lines = []
+    bundle = export(model="tiny", target="coreml", quant="gguf", checkpoint=str(gguf), context=64, chunk=8,
+                    out=tmp / "b", validate=True, log=lines.append)
+    return bundle, gguf, lines
+
+
+def gguf_ops(bundle) -> dict:
+    """The decode function's constexpr_blockwise_shift_scale ops by parameter name."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    path = bundle / "model.mlpackage"
+    spec = ct.utils.load_spec(str(path))
+    prog = milproto_load(spec, spec.specificationVersion, str(path / "Data" / "com.apple.CoreML" / "weights"))
+    return {hf_name(op.name): op for op in prog.functions["decode"].operations
+            if op.op_type == "constexpr_blockwise_shift_scale"}
+
+
+def dequantized(op) -> np.ndarray:
+    """An op's value as Core ML defines it (the op's own decompress: fp16 scale * (data - fp16 offset))."""
+    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_blockwise_shift_scale
+
+    offset = None if op.offset is None else op.offset.val
+    return np.asarray(constexpr_blockwise_shift_scale.decompress(op.data.val, op.scale.val, offset), np.float32)
+
+
+def test_gguf_package_holds_exactly_the_simulated_weights(gguf_bundle):
+    """Each weight one constexpr op in the GGUF type's form, the tied table once; its values are
+    exactly `simulate`'s, and validate (the proxy on the package's weights) passes against it."""
+    from coremltools.converters.mil.mil import types
+
+    from gemma3_export.exporters.coreml import simulate
+    from gemma3_export.gguf_grid import read_gguf_grid
+    from gemma3_export.load import load_model
+
+    bundle, gguf, _ = gguf_bundle
+    ops = gguf_ops(bundle)
+    model = load_model("tiny", checkpoint=str(gguf), log=quiet).model
+    sim = dict(simulate(model, "gguf", grid=read_gguf_grid(gguf)).named_parameters())
+    assert len(ops) == 43 and set(ops) == {n for n, p in sim.items() if p.dim() == 2}  # 7 x 6 + the tied table
+    for name, op in ops.items():
+        source = "F32" if name == F32_TENSOR else GGUF_TYPES[name.split(".")[-2]]
+        assert (types.builtin_to_string(op.data.dtype), op.offset is not None) == DTYPES[source], name
+        assert op.scale.val.dtype == np.float16 and op.data.shape[1] // op.scale.shape[1] == (
+            256 if source == "F32" else 16 if source == "Q6_K" else 32), name
+        assert np.array_equal(dequantized(op), sim[name].numpy()), name
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["validation"]["passed"] and m["validation"]["reference"] == "eager gguf", m["validation"]
+    assert m["validation"]["thresholds"]["top1"] == 0.95  # fp16 compute: no run-time int8 roundings to allow for
+    assert m["target_info"]["compression"]["dtypes"] == ["int4", "int8", "uint4"]
+
+
+def test_gguf_package_values_are_the_files(gguf_bundle):
+    """Against what the loader dequantizes from the GGUF: Q4_0, Q8_0 and Q5_0 bit for bit (the value
+    rounded once to fp16); Q6_K within 2^-10 of its block's largest |w| (its scale d * sc rounded to
+    fp16, then the product); Q4_K within 2^-9 of the larger of that and the block's offset dmin * m
+    (scale, offset, difference and product each rounded once to fp16). 2^-24 on top: fp16's subnormal step."""
+    from gemma3_export.gguf_grid import read_gguf_grid
+    from gemma3_export.load import load_model
+
+    bundle, gguf, _ = gguf_bundle
+    params = dict(load_model("tiny", checkpoint=str(gguf), log=quiet).model.named_parameters())
+    grid = read_gguf_grid(gguf)
+    tensors = json.loads((bundle / "manifest.json").read_text())["target_info"]["tensors"]
+    seen = set()
+    for name, op in gguf_ops(bundle).items():
+        source = "F32" if name == F32_TENSOR else GGUF_TYPES[name.split(".")[-2]]
+        got, want = dequantized(op), params[name].numpy()
+        if source in ("Q4_0", "Q8_0", "Q5_0"):
+            assert np.array_equal(got, want.astype(np.float16).astype(np.float32)), name
+            assert tensors[name].endswith("(bit for bit)"), tensors[name]
+        elif source in ("Q6_K", "Q4_K"):
+            block = op.data.shape[1] // op.scale.shape[1]
+            err = np.abs(got - want).reshape(want.shape[0], -1, block).max(-1)
+            size = np.abs(want).reshape(want.shape[0], -1, block).max(-1)
+            if source == "Q4_K":
+                size, bound = np.maximum(size, np.abs(grid[name].offsets.offset)), 2**-9  # dmin * m per block
+            else:
+                bound = 2**-10
+            assert (err <= bound * (1 + 2**-10) * size + 2**-24).all(), (name, float((err / size).max()))
+            assert err.max() > 0 and "rounded to fp16: within" in tensors[name]  # random scales are not all fp16 numbers
+        seen.add(source)
+    assert seen == set(DTYPES)
+
+
+def test_gguf_requantized_tensor_is_announced(gguf_bundle):
+    bundle, _, lines = gguf_bundle
+    fate = "F32 -> int8 per channel, re-quantized (F32 has no constexpr_blockwise_shift_scale form)"
+    assert [line for line in lines if "notice:" in line] == [f"  notice: {F32_TENSOR}: {fate}"]
+    tensors = json.loads((bundle / "manifest.json").read_text())["target_info"]["tensors"]
+    assert tensors[F32_TENSOR] == fate and len(tensors) == 43
+    assert tensors["model.embed_tokens.weight"].startswith("Q4_K -> uint4 block 32, fp16 offsets (scale and offset")
+
+
+def test_gguf_mistakes_are_one_sentence(tmp_path, capsys):
+    from gemma3_export.cli import main
+
+    base = ["--model", "tiny", "--target", "coreml", "--quant", "gguf", "--out", str(tmp_path / "x")]
+    assert main(base) == 2  # tiny's random weights are no GGUF
+    err = capsys.readouterr().err
+    assert "--quant gguf keeps a GGUF's own blocks; load the weights from one" in err and "Traceback" not in err
+    assert main([*base, "--max-size", "1MB"]) == 2
+    assert "not --target coreml --quant gguf." in capsys.readouterr().err
+    assert main(["--model", "tiny", "--target", "executorch", "--quant", "gguf", "--out", str(tmp_path / "x")]) == 2
+    assert "constexpr_blockwise_shift_scale and onnxruntime's MatMulNBits only so far" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -8,6 +8,8 @@
   `--quant fp32` computes in fp32. The states are fp16 either way.
 - int8 / int4 per-channel and int8 / int4 blocks of 32 through `coremltools.optimize` on every linear
   weight and the tied embedding; `simulate` puts the eager model on the same grid for `validate`.
+- gguf: each linear and the tied embedding as its GGUF tensor's own blocks, a
+  `constexpr_blockwise_shift_scale` per weight (exporters/coreml_gguf.py says what is exact).
 - `--max-size` (int8, int8b32): the least used rows of the tied table go to int4 blocks of 32 until the
   package fits (`split_table`: two tables, the head's logits gathered back to vocabulary order).
 """
@@ -216,10 +218,21 @@ def _grid(weight: Tensor, scheme: str) -> Tensor:
     return torch.from_numpy(np.asarray(lq.decompress(params), dtype=np.float32))
 
 
-def simulate(model: Gemma3ForCausalLM, scheme: str, int4_rows: np.ndarray | None = None) -> Gemma3ForCausalLM:
+def simulate(model: Gemma3ForCausalLM, scheme: str, int4_rows: np.ndarray | None = None,
+             grid: dict | None = None) -> Gemma3ForCausalLM:
     """The eager model with this target's weights for `scheme`: fp16-rounded weights, or the int grid.
-    `int4_rows` (`--max-size`): the table split as the export splits it, those rows on int4b32."""
+    `int4_rows` (`--max-size`): the table split as the export splits it, those rows on int4b32.
+    gguf: `grid` (gguf_grid.read_gguf_grid) dequantized as the package's constexpr ops compute it."""
     sim = copy.deepcopy(model)
+    if scheme == "gguf":
+        from .coreml_gguf import GGUFImport
+
+        imported = GGUFImport(sim, grid)
+        with torch.no_grad():
+            for name, w in sim.named_parameters():  # the tied table once
+                if w.dim() == 2:
+                    w.copy_(torch.from_numpy(imported.forms[name].dequantize()))
+        return sim
     if int4_rows is not None:
         split_table(sim, int4_rows)
     with torch.no_grad():
@@ -229,10 +242,13 @@ def simulate(model: Gemma3ForCausalLM, scheme: str, int4_rows: np.ndarray | None
     return sim
 
 
-def save_function(mlmodel, scheme: str, path: Path) -> Path:
-    """Compress a converted (or loaded) function for `scheme` and save it as its own package."""
+def save_function(mlmodel, scheme: str, path: Path, imported=None) -> Path:
+    """Compress a converted (or loaded) function for `scheme` and save it as its own package; gguf:
+    the weights of `imported` (coreml_gguf.GGUFImport) as their GGUF blocks."""
     if scheme in COMPRESSION:
         mlmodel = compress(mlmodel, scheme)
+    elif scheme == "gguf":
+        mlmodel = imported.apply(mlmodel, weight_consts(mlmodel))
     mlmodel.save(str(path))
     return path
 
@@ -358,7 +374,13 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
     start = time.perf_counter()
     scheme, C = spec.scheme.name, spec.chunk
     tokenizer = tokenizer or _default_tokenizer(model.config)
-    split = {}
+    split, imported = {}, None
+    if scheme == "gguf":  # before any swap: the model's weights are the GGUF's, by name
+        from .coreml_gguf import GGUFImport
+
+        imported = GGUFImport(model, spec.grid)
+        for name, fate in imported.notices().items():  # never silently: each tensor rounded again
+            log(f"  notice: {name}: {fate}")
     if spec.max_size:
         rows = rows_within(model, scheme, spec.max_size, spec.table_order, log)
         if rows is not None:
@@ -368,14 +390,14 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
     width = model.config.hidden_size if spec.vision else None  # vision bundles: image_embeds in
     programs = {"prefill": trace(model, C, bool(width)), "decode": trace(model, 1, bool(width))}
     log(f"  traced prefill (T={C}) and decode (T=1) in {time.perf_counter() - start:.1f} s")
-    report = check_numerics(programs, scheme, tokenizer, spec.context, C, log)
+    report = check_numerics(programs, scheme, tokenizer, spec.context, C, log, imported)
     log(f"  fp16 check over {report.tokens} tokens: fp32 blocks {report.fp32_blocks or 'none'}")
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for name, T in (("prefill", C), ("decode", 1)):
             t0 = time.perf_counter()
             mlmodel = convert(programs.pop(name), T, scheme != "fp32", report.fp32_blocks, image_embeds=width)
-            paths[name] = save_function(mlmodel, scheme, Path(tmp) / f"{name}.mlpackage")
+            paths[name] = save_function(mlmodel, scheme, Path(tmp) / f"{name}.mlpackage", imported)
             del mlmodel  # one function's weights in memory at a time
             log(f"  converted {name} in {time.perf_counter() - t0:.1f} s")
         save_package(paths, folder / ARTIFACT)
@@ -386,6 +408,9 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
                            "package_bytes underestimates it")
     fields = _manifest_fields(package, report, scheme, C)
     fields["target_info"]["export_seconds"] = round(time.perf_counter() - start, 1)
+    if imported is not None:
+        fields["target_info"]["tensors"] = imported.tensors
+        fields["target_info"]["compression"] = _gguf_compression_info(imported)
     if split:
         fields["target_info"]["table_split"] = split
         fields["target_info"]["compression"]["weights"] += (
@@ -393,17 +418,18 @@ def export(model: Gemma3ForCausalLM, folder: Path, spec, log=print, tokenizer=No
     return fields
 
 
-def check_numerics(programs: dict, scheme: str, tokenizer, context: int, chunk: int, log=print):
-    """`numerics.check_fp16` over the bundled text, on the weights the package will hold."""
+def check_numerics(programs: dict, scheme: str, tokenizer, context: int, chunk: int, log=print, imported=None):
+    """`numerics.check_fp16` over the bundled text, on the weights the package will hold (gguf: those
+    of `imported`, coreml_gguf.GGUFImport)."""
     from ..numerics import GraphProxy, check_fp16
     from ..validate import validation_ids
 
     params = None
-    if scheme in COMPRESSION:
+    if scheme in COMPRESSION or imported is not None:
         params, grids = {}, {}
         for name, value in programs["prefill"].state_dict.items():  # the tied embedding once
             if value.dim() == 2 and value.data_ptr() not in grids:
-                grids[value.data_ptr()] = _grid(value, weight_scheme(name, scheme))
+                grids[value.data_ptr()] = imported.values(value) if imported else _grid(value, weight_scheme(name, scheme))
             params[name] = grids[value.data_ptr()] if value.dim() == 2 else value
     n_layers = len(programs["prefill"].graph_signature.buffers_to_mutate) // 2  # a k and a v per layer
     ids = validation_ids(tokenizer, min(len(tokenizer.encode(_check_text(), bos=False)) + 1, context))
@@ -442,6 +468,14 @@ def _compression_info(scheme: str) -> dict | None:
         weights = "every linear; the tied embedding/head table linear_symmetric"
     return {"tool": "coremltools.optimize.coreml.linear_quantize_weights", "mode": MODES.get(scheme, "linear_symmetric"),
             "dtype": f"int{bits}", "block_sizes": blocks, "weights": weights}
+
+
+def _gguf_compression_info(imported) -> dict:
+    forms = imported.forms.values()
+    return {"tool": "constexpr_blockwise_shift_scale from the GGUF's blocks (exporters/coreml_gguf.py)",
+            "dtypes": sorted({f.dtype for f in forms}),
+            "weights": "every linear and the tied embedding, each as its GGUF tensor's own blocks "
+                       "(target_info.tensors: what each was imported as, and how exactly)"}
 
 
 def _check_text() -> str:

@@ -123,7 +123,8 @@ def check_package(path: Path, manifest: dict, described: dict | None = None) -> 
     info = manifest.get("target_info") or {}
     compression = info.get("compression")
     if compression:
-        dtypes = [compression["dtype"], *(["int4"] if "table_split" in info else [])]  # --max-size: int4 rows too
+        dtypes = compression.get("dtypes") or [compression["dtype"]]  # gguf: one per GGUF form
+        dtypes = [*dtypes, *(["int4"] if "table_split" in info else [])]  # --max-size: int4 rows too
         total = sum(d["weight_elements"].values())
         stored = sum(d["weight_elements"].get(t, 0) for t in dtypes)
         if stored < 0.9 * total:
@@ -138,15 +139,15 @@ def package_weights(path: Path, function: str = "decode", prefix: str = "p_") ->
     (`p_model_layers_0_mlp_up_proj_weight`); `prefix=""`: also constants coremltools folded and renamed."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
-    from coremltools.optimize import _utils as qutils
+    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_blockwise_shift_scale
 
     spec = ct.utils.load_spec(str(path))
     prog = milproto_load(spec, spec.specificationVersion, str(Path(path) / "Data" / "com.apple.CoreML" / "weights"))
     out = {}
     for op in prog.functions[function].operations:
-        if op.op_type == "constexpr_blockwise_shift_scale":
+        if op.op_type == "constexpr_blockwise_shift_scale":  # in the scale's dtype, as Core ML computes it
             offset = op.offset.val if op.offset is not None else None
-            value = qutils.dequantize_by_scale_and_zp(op.data.val, op.scale.val, offset)
+            value = constexpr_blockwise_shift_scale.decompress(op.data.val, op.scale.val, offset)
         elif op.op_type == "const" and op.outputs[0].rank == 2 and op.name.startswith(prefix):
             value = op.val.val
         else:
