@@ -129,12 +129,19 @@ def test_onnx_keeps_the_gguf_blocks(gguf_file, tmp_path):
     levels = {helper.get_attribute_value(a) for n in proto.graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {4} and m["target_info"]["accuracy_level"] == 4  # 8-bit blocks run fast only so
-    summary = validate_bundle(bundle, log=lambda *_: None)
+    # 48 positions: six whole bands of the tiny window (the default length ends in a band of 5, where one
+    # flipped token is 20 points of top-1)
+    summary = validate_bundle(bundle, length=48, log=lambda *_: None)
     assert summary["reference"] == "eager gguf" and summary["passed"], summary
     # int8 activations make logits chaotic in the last digits (a 1e-6 relative nudge of the weights moves
-    # this random model's logits by 0.04): the weights are checked bit for bit above, the run by agreement
+    # this random model's logits by 0.04; the real 270M's reference nudged so agrees with itself on 87.9% of
+    # next tokens, docs/noise_floor.json): the weights are checked bit for bit above, the run by agreement,
+    # at most one flipped token in the run (a float-rounding change of the graph, such as fusing the residual
+    # Add into the norm, flipped one)
     ref = summary["vs_reference"]
-    assert ref["top1"] >= 0.97 and ref["kl"] <= 2e-3, ref
+    flipped = sum(round((1 - b["top1"]) * (b["stop"] - b["start"])) for b in ref["bands"])
+    assert summary["positions"] == 48 and len(ref["bands"]) == 6  # so each band holds 8 positions
+    assert flipped <= 1 and ref["kl"] <= 2e-3, ref
 
 
 def test_gguf_needs_a_gguf_source(tmp_path, capsys):
