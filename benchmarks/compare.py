@@ -65,7 +65,10 @@ OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w"
              "et-8da4w-sdpa": "bundles/kept/et-8da4w-sdpa",
              # int4b32 in one file, the gather and the head on one table initializer (before 2026-11-28's
              # data file with the gathered table mapped apart and the head in pieces; exporters/onnx.py::save)
-             "onnx-int4b32-one-file": "bundles/kept/onnx-int4b32-one-file"}
+             "onnx-int4b32-one-file": "bundles/kept/onnx-int4b32-one-file",
+             # int4b32 with each residual Add fused into the norm after it (SkipSimplifiedLayerNormalization,
+             # onnxruntime-genai's form; tried 2026-11-28, not kept: no measurable speed, docs/benchmarks.md)
+             "onnx-int4b32-skip-norm": "bundles/kept/onnx-int4b32-skip-norm"}
 SYSTEMS = (*OURS, *OURS_VARIANTS, *OURS_KEPT, *PEER_SYSTEMS)
 # where earlier benchmark runs left our bundles (reused when valid)
 REUSE = {"et-8da4w": "bundles/bench-et/gemma3-270m-executorch-8da4w", "et-fp32": "bundles/bench-et/gemma3-270m-executorch-fp32",

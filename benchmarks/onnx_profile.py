@@ -7,7 +7,8 @@ The bundle's runner (gemma3_export.runtimes.onnx.OnnxRunner, the same IOBinding 
 session with `enable_profiling`; one 128-token prefill chunk and `--decode` decode steps run, and the
 trace's node events are summed per bucket and phase: the LM head (the MatMulNBits whose weight has one
 row per vocabulary entry), the other int4 linears, attention (score and value MatMuls, Softmax, masks,
-cache writes, or GroupQueryAttention), the decomposed RMSNorms, the rest; plus the share of a run's wall
+cache writes, or GroupQueryAttention), the RMSNorms (decomposed, or fused with or without the residual
+Add), the rest; plus the share of a run's wall
 time that no kernel accounts for (per-node dispatch), and the LM head's output shape in prefill (all
 positions or one). Then, alternating round by round, prefill and decode rates of: the runner as it is
 (its threads spin-wait, onnxruntime's default); the same without spinning; with `--decomposed`,
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ATTENTION = {"MatMul", "Softmax", "Where", "ScatterElements", "And", "LessOrEqual", "Mod", "Sub", "GroupQueryAttention"}
-NORM = {"Pow", "ReduceMean", "Sqrt", "Reciprocal"}
+NORM = {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
 
 
 def runner_with(bundle: str, threads: int, **options):
