@@ -82,11 +82,14 @@ def test_onnx_stores_the_qat_grid_exactly(checkpoints, tmp_path, scheme):
         assert codes.tobytes() in want  # the trained codes, unchanged
         per_block = want[codes.tobytes()]
         assert np.array_equal(scales[:, :1] if per_block.shape[1] == 1 else scales, per_block)
-    summary = validate_bundle(bundle, **QUIET)
-    assert summary["reference"] == f"eager {scheme} (QAT grid)"
+    summary = validate_bundle(bundle, length=48, **QUIET)  # six whole bands of the tiny window
+    assert summary["reference"] == f"eager {scheme} (QAT grid)" and len(summary["vs_float"]["bands"]) == 6
     # The trained grid, with int8 inputs as accuracy_level 4 rounds them (chaotic in the last digits:
-    # judged by agreement); against the checkpoint itself, int8 inputs are all that differs.
-    assert summary["passed"] and summary["vs_reference"]["top1"] >= 0.95 and summary["vs_float"]["top1"] >= 0.95
+    # judged by agreement); against the checkpoint itself, int8 inputs are all that differs: at most one
+    # of the 48 next tokens flips (one did on a CPU with AVX512-VNNI and AMX; none on the earlier ones).
+    vs_float = summary["vs_float"]
+    flipped = sum(round((1 - b["top1"]) * (b["stop"] - b["start"])) for b in vs_float["bands"])
+    assert summary["passed"] and summary["vs_reference"]["top1"] >= 0.95 and flipped <= 1, vs_float
 
 
 def test_onnx_fp8_stores_the_qat_grid_exactly(checkpoints, tmp_path):
