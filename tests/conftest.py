@@ -89,3 +89,9 @@ def split_siblings(graph, node, *row_arrays):
     sizes = numpy_helper.to_array(next(t for t in graph.initializer if t.name == split.input[1]))
     cuts = np.cumsum(sizes)[:-1]
     return list(zip(*(np.split(a, cuts) for a in row_arrays)))
+
+
+def flipped_tokens(comparison: dict, window: int) -> int:
+    """How many next tokens disagree in a validate comparison (`vs_reference` / `vs_float`) whose bands
+    are all whole (`window` positions each)."""
+    return sum(round((1 - band["top1"]) * window) for band in comparison["bands"])

@@ -78,15 +78,11 @@ def test_int_schemes_compress_every_weight(functions, tmp_path, scheme, dtype):
 
 def test_int4b32_asym_package_holds_the_simulated_grid(functions, tmp_path):
     """Layers with an int4 zero point per block of 32, the tied table symmetric: exactly `simulate`'s weights."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
-
     from gemma3_export.exporters.coreml import save_function, simulate
-    from gemma3_export.runtimes.coreml import package_weights
+    from gemma3_export.runtimes.coreml import package_program, package_weights
 
     path = save_function(load(functions[1]["decode"]), "int4b32-asym", tmp_path / "decode.mlpackage")
-    spec = ct.utils.load_spec(str(path))
-    prog = milproto_load(spec, spec.specificationVersion, str(path / "Data" / "com.apple.CoreML" / "weights"))
+    prog = package_program(path)
     offsets = {op.name: op.offset is not None for op in prog.functions["main"].operations
                if op.op_type == "constexpr_blockwise_shift_scale"}
     table = [name for name in offsets if "lm_head" in name]
@@ -368,22 +364,10 @@ def gguf_bundle(tmp_path_factory):
 
 def gguf_ops(bundle) -> dict:
     """The decode function's constexpr_blockwise_shift_scale ops by parameter name."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+    from gemma3_export.runtimes.coreml import package_program
 
-    path = bundle / "model.mlpackage"
-    spec = ct.utils.load_spec(str(path))
-    prog = milproto_load(spec, spec.specificationVersion, str(path / "Data" / "com.apple.CoreML" / "weights"))
-    return {hf_name(op.name): op for op in prog.functions["decode"].operations
+    return {hf_name(op.name): op for op in package_program(bundle / "model.mlpackage").functions["decode"].operations
             if op.op_type == "constexpr_blockwise_shift_scale"}
-
-
-def dequantized(op) -> np.ndarray:
-    """An op's value as Core ML defines it (the op's own decompress: fp16 scale * (data - fp16 offset))."""
-    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_blockwise_shift_scale
-
-    offset = None if op.offset is None else op.offset.val
-    return np.asarray(constexpr_blockwise_shift_scale.decompress(op.data.val, op.scale.val, offset), np.float32)
 
 
 def test_gguf_package_holds_exactly_the_simulated_weights(gguf_bundle):
@@ -394,6 +378,7 @@ def test_gguf_package_holds_exactly_the_simulated_weights(gguf_bundle):
     from gemma3_export.exporters.coreml import simulate
     from gemma3_export.gguf_grid import read_gguf_grid
     from gemma3_export.load import load_model
+    from gemma3_export.runtimes.coreml import constexpr_value
 
     bundle, gguf, _ = gguf_bundle
     ops = gguf_ops(bundle)
@@ -405,7 +390,7 @@ def test_gguf_package_holds_exactly_the_simulated_weights(gguf_bundle):
         assert (types.builtin_to_string(op.data.dtype), op.offset is not None) == DTYPES[source], name
         assert op.scale.val.dtype == np.float16 and op.data.shape[1] // op.scale.shape[1] == (
             256 if source == "F32" else 16 if source == "Q6_K" else 32), name
-        assert np.array_equal(dequantized(op), sim[name].numpy()), name
+        assert np.array_equal(constexpr_value(op), sim[name].numpy()), name
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["validation"]["passed"] and m["validation"]["reference"] == "eager gguf", m["validation"]
     assert m["validation"]["thresholds"]["top1"] == 0.95  # fp16 compute: no run-time int8 roundings to allow for
@@ -419,6 +404,7 @@ def test_gguf_package_values_are_the_files(gguf_bundle):
     (scale, offset, difference and product each rounded once to fp16). 2^-24 on top: fp16's subnormal step."""
     from gemma3_export.gguf_grid import read_gguf_grid
     from gemma3_export.load import load_model
+    from gemma3_export.runtimes.coreml import constexpr_value
 
     bundle, gguf, _ = gguf_bundle
     params = dict(load_model("tiny", checkpoint=str(gguf), log=quiet).model.named_parameters())
@@ -427,7 +413,7 @@ def test_gguf_package_values_are_the_files(gguf_bundle):
     seen = set()
     for name, op in gguf_ops(bundle).items():
         source = "F32" if name == F32_TENSOR else GGUF_TYPES[name.split(".")[-2]]
-        got, want = dequantized(op), params[name].numpy()
+        got, want = constexpr_value(op), params[name].numpy()
         if source in ("Q4_0", "Q8_0", "Q5_0"):
             assert np.array_equal(got, want.astype(np.float16).astype(np.float32)), name
             assert tensors[name].endswith("(bit for bit)"), tensors[name]

@@ -134,20 +134,31 @@ def check_package(path: Path, manifest: dict, described: dict | None = None) -> 
 
 # -- weights back from the package --------------------------------------------------------------
 
+def package_program(path: Path):
+    """The package's MIL program, its weights loaded (functions by name: `prefill`, `decode`, or `main`)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    spec = ct.utils.load_spec(str(path))
+    return milproto_load(spec, spec.specificationVersion, str(Path(path) / "Data" / "com.apple.CoreML" / "weights"))
+
+
+def constexpr_value(op) -> np.ndarray:
+    """A constexpr_blockwise_shift_scale op's weight as Core ML defines it (the op's own decompress, in
+    the scale's dtype: fp16 scale * (data - offset)), as float32."""
+    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_blockwise_shift_scale
+
+    offset = op.offset.val if op.offset is not None else None
+    return np.asarray(constexpr_blockwise_shift_scale.decompress(op.data.val, op.scale.val, offset), np.float32)
+
+
 def package_weights(path: Path, function: str = "decode", prefix: str = "p_") -> dict[str, torch.Tensor]:
     """The 2-D weights of the package's `function`, decompressed, by traced parameter name
     (`p_model_layers_0_mlp_up_proj_weight`); `prefix=""`: also constants coremltools folded and renamed."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
-    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_blockwise_shift_scale
-
-    spec = ct.utils.load_spec(str(path))
-    prog = milproto_load(spec, spec.specificationVersion, str(Path(path) / "Data" / "com.apple.CoreML" / "weights"))
     out = {}
-    for op in prog.functions[function].operations:
-        if op.op_type == "constexpr_blockwise_shift_scale":  # in the scale's dtype, as Core ML computes it
-            offset = op.offset.val if op.offset is not None else None
-            value = constexpr_blockwise_shift_scale.decompress(op.data.val, op.scale.val, offset)
+    for op in package_program(path).functions[function].operations:
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            value = constexpr_value(op)
         elif op.op_type == "const" and op.outputs[0].rank == 2 and op.name.startswith(prefix):
             value = op.val.val
         else:
