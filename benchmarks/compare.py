@@ -44,6 +44,7 @@ CONTEXT, CHUNK = 2048, 128
 # name -> (kind, what it is); our bundles: (target, quant); peers: their artifact
 OURS = {"et-8da4w": ("executorch", "8da4w"), "et-fp32": ("executorch", "fp32"),
         "onnx-int4b32": ("onnx", "int4b32"), "onnx-fp32": ("onnx", "fp32"),
+        "onnx-int4": ("onnx", "int4"),  # per-channel int4 (the report's Int4): one scale per row, fewer bytes
         "onnx-gguf": ("onnx", "gguf"),  # the Q4_K_M file's own blocks (docs/gguf.md)
         "onnx-gguf-260mb": ("onnx", "gguf", "260MB"),  # with --max-size 260MB: least used table rows at int4
         "onnx-int4b32-asym": ("onnx", "int4b32-asym"),  # zero points per block (docs/quantization.md)
@@ -68,7 +69,11 @@ OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w"
              "onnx-int4b32-one-file": "bundles/kept/onnx-int4b32-one-file",
              # int4b32 with each residual Add fused into the norm after it (SkipSimplifiedLayerNormalization,
              # onnxruntime-genai's form; tried 2026-11-28, not kept: no measurable speed, docs/benchmarks.md)
-             "onnx-int4b32-skip-norm": "bundles/kept/onnx-int4b32-skip-norm"}
+             "onnx-int4b32-skip-norm": "bundles/kept/onnx-int4b32-skip-norm",
+             # made by benchmarks/onnx_variant.py (2026-12-07): gate and up as two MatMulNBits (the exporter stacks
+             # them), and the tied table in blocks of 128 instead of 32 (docs/benchmarks.md)
+             "onnx-int4b32-separate-gate-up": "bundles/kept/onnx-int4b32-separate-gate-up",
+             "onnx-int4b32-head-block-128": "bundles/kept/onnx-int4b32-head-block-128"}
 SYSTEMS = (*OURS, *OURS_VARIANTS, *OURS_KEPT, *PEER_SYSTEMS)
 # where earlier benchmark runs left our bundles (reused when valid)
 REUSE = {"et-8da4w": "bundles/bench-et/gemma3-270m-executorch-8da4w", "et-fp32": "bundles/bench-et/gemma3-270m-executorch-fp32",
@@ -604,8 +609,7 @@ def main() -> None:
     ap.add_argument("--optimum-cli", default="optimum-cli", help="optimum-executorch's optimum-cli")
     ap.add_argument("--llama-omp-wait", default="PASSIVE",
                     help="OMP_WAIT_POLICY for llama.cpp's child ('' keeps the environment's; OpenMP's default "
-                    "spins, which on a shared 2-core machine cut its decode 4x in our runs; our ONNX runner "
-                    "disables spinning too)")
+                    "spins, which on a shared 2-core machine cut its decode 4x in our runs)")
     ap.add_argument("--build-only", action="store_true", help="build the missing artifacts and stop")
     ap.add_argument("--ratios-to", default="llama.cpp-q4km", help="the system ratios are taken against")
     ap.add_argument("--json", help="write the results here")

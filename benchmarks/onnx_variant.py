@@ -1,0 +1,95 @@
+"""The 270M ONNX int4b32 bundle exported with one graph choice undone, for onnx_ab.py (issue 9):
+
+    python benchmarks/onnx_variant.py separate-gate-up --out bundles/kept/onnx-int4b32-separate-gate-up
+
+Variants (each a choice the exporter makes, docs/onnx.md):
+- separate-gate-up: the MLP's gate and up MatMulNBits stay two nodes (the exporter stacks them into one
+  node and a Split, as it stacks q/k/v); onnxruntime-genai's graph keeps them apart.
+- head-block-128: the tied table (LM head and embedding) in int4 blocks of 128 instead of 32: a quarter
+  of the scales of the matrix that is most of a decode step's bytes.
+
+The bundle is what `gemma3-export --model 270m --target onnx --quant int4b32 --context 2048 --no-validate`
+writes, with the variant's change; its manifest says which variant it is (target_info.variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def separate_gate_up() -> None:
+    """Stack only groups of three siblings (q/k/v): the MLP's pair (gate/up) stays apart."""
+    from gemma3_export.exporters import onnx as exporter
+
+    stack = exporter._fuse_sibling_nbits
+
+    def fuse(graph) -> int:
+        readers: dict[str, int] = {}
+        for node in graph.node:
+            if node.op_type == "MatMulNBits":
+                readers[node.input[0]] = readers.get(node.input[0], 0) + 1
+        for i, node in enumerate(graph.node):  # hide each pair from the fusion: a private input name
+            if node.op_type == "MatMulNBits" and readers[node.input[0]] == 2:
+                node.input[0] += f"#{i}"
+        merged = stack(graph)  # (it rebuilds graph.node: restore the names on the nodes it kept)
+        for node in graph.node:
+            if node.op_type == "MatMulNBits" and "#" in node.input[0]:
+                node.input[0] = node.input[0].rsplit("#", 1)[0]
+        return merged
+
+    exporter._fuse_sibling_nbits = fuse
+
+
+def head_block_128() -> None:
+    """The tied table (LM head and embedding) in int4 blocks of 128 (5 scales per row of 640) instead of
+    32; every other matrix as int4b32 has it. Both rounded as `nbits_codes` rounds (onnxruntime's
+    quantizer's rounding), packed by the exporter's own `_pack_nbits`."""
+    from gemma3_export.exporters import onnx as exporter
+
+    original = exporter.quantize_nbits
+
+    def quantize(proto, scheme, accuracy_level=None, pack=None, table_rows=None):
+        if scheme != "int4b32" or pack is not None or table_rows is not None:
+            return original(proto, scheme, accuracy_level, pack, table_rows)
+
+        def rounded(block):
+            return lambda w: exporter._signed(4, *exporter._blocks_of(exporter.nbits_codes(w, 4, block)))
+
+        pack_nbits = exporter._pack_nbits  # quantize_nbits packs through it; the head gets blocks of 128
+        exporter._pack_nbits = lambda graph, level, pack_of, head_pack=None: pack_nbits(graph, level, pack_of, rounded(128))
+        try:
+            return original(proto, scheme, accuracy_level, pack=rounded(32))
+        finally:
+            exporter._pack_nbits = pack_nbits
+
+    exporter.quantize_nbits = quantize
+
+
+VARIANTS = {"separate-gate-up": separate_gate_up, "head-block-128": head_block_128}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variant", choices=VARIANTS)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    VARIANTS[args.variant]()
+    from gemma3_export import pipeline
+
+    out = pipeline.export(model="270m", target="onnx", quant="int4b32", context=2048, chunk=128, out=args.out,
+                          random_weights=False, validate=False)
+    manifest = Path(args.out) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["target_info"]["variant"] = args.variant
+    manifest.write_text(json.dumps(m, indent=2) + "\n")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
