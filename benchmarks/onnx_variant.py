@@ -46,7 +46,30 @@ def separate_gate_up() -> None:
     exporter._fuse_sibling_nbits = fuse
 
 
-def head_block_128() -> None:
+def mse_codes(w, block: int, steps: int = 20):
+    """Symmetric int4 codes [N, nb, block] and scales [N, nb, 1] of w [N, K] whose scale per block is the
+    one of `steps` candidates (0.75x to 1.0x of the round-to-nearest scale) with the least squared error,
+    then refitted by least squares to its codes (llama.cpp's make_qx_quants idea)."""
+    import torch
+
+    n, k = w.shape
+    wb = w.float().view(n, k // block, block)
+    hi, lo = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
+    base = torch.where(hi.abs() > lo.abs(), hi, lo) / -8  # the round-to-nearest scale (nbits_codes)
+    best_err = torch.full_like(base, float("inf"))
+    best_q, best_s = torch.zeros_like(wb), base.clone()
+    for f in torch.linspace(0.75, 1.0, steps).tolist():
+        s = base * f
+        q = torch.round(wb / torch.where(s == 0, 1, s)).clamp(-8, 7)
+        fit = (wb * q).sum(-1, keepdim=True) / (q * q).sum(-1, keepdim=True).clamp(min=1)
+        s = torch.where(fit == 0, s, fit)
+        err = ((wb - q * s) ** 2).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err, best_q, best_s = torch.where(better, err, best_err), torch.where(better, q, best_q), torch.where(better, s, best_s)
+    return best_q, best_s
+
+
+def head_block_128(mse: bool = False) -> None:
     """The tied table (LM head and embedding) in int4 blocks of 128 (5 scales per row of 640) instead of
     32; every other matrix as int4b32 has it. Both rounded as `nbits_codes` rounds (onnxruntime's
     quantizer's rounding), packed by the exporter's own `_pack_nbits`."""
@@ -58,11 +81,12 @@ def head_block_128() -> None:
         if scheme != "int4b32" or pack is not None or table_rows is not None:
             return original(proto, scheme, accuracy_level, pack, table_rows)
 
-        def rounded(block):
-            return lambda w: exporter._signed(4, *exporter._blocks_of(exporter.nbits_codes(w, 4, block)))
+        def rounded(block, search=False):
+            codes = (lambda w: mse_codes(w, block)) if search else (lambda w: exporter.nbits_codes(w, 4, block))
+            return lambda w: exporter._signed(4, *exporter._blocks_of(codes(w)))
 
         pack_nbits = exporter._pack_nbits  # quantize_nbits packs through it; the head gets blocks of 128
-        exporter._pack_nbits = lambda graph, level, pack_of, head_pack=None: pack_nbits(graph, level, pack_of, rounded(128))
+        exporter._pack_nbits = lambda graph, level, pack_of, head_pack=None: pack_nbits(graph, level, pack_of, rounded(128, mse))
         try:
             return original(proto, scheme, accuracy_level, pack=rounded(32))
         finally:
@@ -71,7 +95,8 @@ def head_block_128() -> None:
     exporter.quantize_nbits = quantize
 
 
-VARIANTS = {"separate-gate-up": separate_gate_up, "head-block-128": head_block_128}
+VARIANTS = {"separate-gate-up": separate_gate_up, "head-block-128": head_block_128,
+            "head-block-128-mse": lambda: head_block_128(mse=True)}
 
 
 def main() -> None:
