@@ -73,7 +73,10 @@ OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w"
              # made by benchmarks/onnx_variant.py (2026-12-07): gate and up as two MatMulNBits (the exporter stacks
              # them), and the tied table in blocks of 128 instead of 32 (docs/benchmarks.md)
              "onnx-int4b32-separate-gate-up": "bundles/kept/onnx-int4b32-separate-gate-up",
-             "onnx-int4b32-head-block-128": "bundles/kept/onnx-int4b32-head-block-128"}
+             "onnx-int4b32-head-block-128": "bundles/kept/onnx-int4b32-head-block-128",
+             # int4b32 with prefill chunks of 512 instead of 128: `gemma3-export --model 270m --target onnx
+             # --quant int4b32 --context 2048 --chunk 512 --no-validate --out bundles/kept/onnx-int4b32-chunk512`
+             "onnx-int4b32-chunk512": "bundles/kept/onnx-int4b32-chunk512"}
 SYSTEMS = (*OURS, *OURS_VARIANTS, *OURS_KEPT, *PEER_SYSTEMS)
 # where earlier benchmark runs left our bundles (reused when valid)
 REUSE = {"et-8da4w": "bundles/bench-et/gemma3-270m-executorch-8da4w", "et-fp32": "bundles/bench-et/gemma3-270m-executorch-fp32",

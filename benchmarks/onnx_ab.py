@@ -1,6 +1,7 @@
 """Two ONNX decoders of the same model, step against step in one process (docs/benchmarks.md, issue 9):
 
     python benchmarks/onnx_ab.py A B [--steps 200] [--block 1] [--skip 0] [--threads 2] [--spin 0|1] [--json FILE]
+    python benchmarks/onnx_ab.py A B --prefill 1024 --steps 20 [--json FILE]     # prefill instead of decode
 
 A and B are each a bundle of this project's or an onnxruntime-genai model folder (genai_config.json):
 onnxruntime-genai loads the same onnxruntime library, so both run in this one process.
@@ -111,6 +112,26 @@ def measure(decoders: list, prompt: list[int], args) -> dict:
                 turns[i][-1].append(time.perf_counter() - start)
                 if timed:
                     outside[i].append(turns[i][-1][-1] - (timed.inside - inside))
+    return summary(turns, outside, args)
+
+
+def measure_prefill(decoders: list, prompt: list[int], args) -> dict:
+    """Both decoders prefill `prompt` from an empty cache in turns (a reset before each), `--steps` each."""
+    for d, _ in decoders:  # warm-up: every chunk shape the prompt needs
+        d.prefill(prompt)
+        d.reset()
+    turns: list[list[list[float]]] = [[], []]
+    for pair in range(args.steps):
+        for i in ((0, 1) if pair % 2 == 0 else (1, 0)):
+            d, _ = decoders[i]
+            start = time.perf_counter()
+            d.prefill(prompt)
+            turns[i].append([time.perf_counter() - start])
+            d.reset()
+    return summary(turns, [[], []], args)
+
+
+def summary(turns: list[list[list[float]]], outside: list[list[float]], args) -> dict:
     kept = [[t for turn in side for t in turn[args.skip:]] for side in turns]
     ratios = [statistics.median(b[args.skip:]) / statistics.median(a[args.skip:]) for a, b in zip(*turns)]
     return {**{f"{k}_ms": {"median": 1000 * statistics.median(t), "mean": 1000 * statistics.mean(t)}
@@ -134,11 +155,16 @@ def main() -> None:
     ap.add_argument("--spin", type=int, default=1, help="threads spin-wait (the runner's default)")
     ap.add_argument("--block", type=int, default=1, help="steps per turn (one side decodes `block` steps, then the other)")
     ap.add_argument("--skip", type=int, default=0, help="steps at the start of each turn left out of the timings")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="time prefills of this many tokens instead of decode steps (--steps prefills of each, "
+                    "one per turn, each from an empty cache)")
     ap.add_argument("--tokenizer", help="tokenizer.model for the prompt (default: the first bundle's)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not 0 <= args.skip < args.block <= args.steps:
         ap.error("need 0 <= --skip < --block <= --steps")
+    if args.prefill and (args.block, args.skip) != (1, 0):
+        ap.error("--prefill times one prefill per turn: no --block or --skip")
     from gemma3_export.bundle import read_bundle
     from gemma3_export.tokenizer import Tokenizer
     from gemma3_export.validate import validation_ids
@@ -147,14 +173,15 @@ def main() -> None:
     tokenizer = args.tokenizer or (bundle and read_bundle(bundle).tokenizer_path)
     if not tokenizer:
         ap.error("neither side is a bundle of this project's: pass --tokenizer")
-    prompt = validation_ids(Tokenizer(tokenizer), 128)
-    result = {"a": args.a, "b": args.b, "steps": args.steps, "block": args.block, "skip": args.skip,
+    prompt = validation_ids(Tokenizer(tokenizer), args.prefill or 128)
+    result = {"a": args.a, "b": args.b, "steps": args.steps, "block": args.block, "skip": args.skip, "prefill": args.prefill,
               "threads": args.threads, "spin": bool(args.spin)}
     # The decoder made second ran faster than the first in every run so far, the same bundle against
     # itself included (by 1-2%): so both creation orders run, and their ratios are combined.
     for order, paths in (("a_made_first", (args.a, args.b)), ("b_made_first", (args.b, args.a))):
         made = [open_decoder(p, args.threads, bool(args.spin)) for p in paths]
-        result[order] = measure(made if order == "a_made_first" else made[::-1], prompt, args)
+        pair = made if order == "a_made_first" else made[::-1]
+        result[order] = measure_prefill(pair, prompt, args) if args.prefill else measure(pair, prompt, args)
         del made
         gc.collect()
     result["ratio_b_over_a"] = math.sqrt(result["a_made_first"]["median_ratio_b_over_a"]
