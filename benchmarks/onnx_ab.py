@@ -36,34 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-class Genai:
-    """An onnxruntime-genai folder behind the runner's interface: prefill(ids), decode(token), reset()."""
-
-    def __init__(self, path: str, threads: int, spin: bool):
-        import onnxruntime_genai as og
-
-        self.og = og
-        if not spin:  # its config has no key for onnxruntime's config entries; its threads spin (the default)
-            raise SystemExit("onnxruntime-genai's threads always spin: compare with it at --spin 1")
-        config = og.Config(path)
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-        self.model = og.Model(config)
-        self.params = og.GeneratorParams(self.model)
-        self.params.set_search_options(max_length=2048, do_sample=False)
-        self.reset()
-
-    def reset(self) -> None:
-        self.gen = self.og.Generator(self.model, self.params)
-
-    def prefill(self, ids: list[int]):
-        self.gen.append_tokens(ids)
-        return self.gen.get_logits()[0, -1]
-
-    def decode(self, token: int):
-        return self.prefill([token])
-
-
 class Timed:
     """Wraps a session's run_with_iobinding to add up the time spent inside it."""
 
@@ -78,7 +50,11 @@ class Timed:
 
 def open_decoder(path: str, threads: int, spin: bool):
     if (Path(path) / "genai_config.json").exists():
-        return Genai(path, threads, spin), None
+        if not spin:  # its config has no key for onnxruntime's config entries; its threads spin (the default)
+            raise SystemExit("onnxruntime-genai's threads always spin: compare with it at --spin 1")
+        from compare import Genai  # compare.py's: the same session settings there and here
+
+        return Genai(path, threads), None
     from gemma3_export.bundle import read_bundle
     from gemma3_export.runtimes.onnx import OnnxRunner
 
