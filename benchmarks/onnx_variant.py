@@ -1,12 +1,14 @@
-"""The 270M ONNX int4b32 bundle exported with one graph choice undone, for onnx_ab.py (issue 9):
+"""The 270M ONNX int4b32 bundle exported with one export choice changed, for onnx_ab.py (issue 9):
 
     python benchmarks/onnx_variant.py separate-gate-up --out bundles/kept/onnx-int4b32-separate-gate-up
 
-Variants (each a choice the exporter makes, docs/onnx.md):
+Variants (docs/benchmarks.md, 2026-12-07):
 - separate-gate-up: the MLP's gate and up MatMulNBits stay two nodes (the exporter stacks them into one
   node and a Split, as it stacks q/k/v); onnxruntime-genai's graph keeps them apart.
 - head-block-128: the tied table (LM head and embedding) in int4 blocks of 128 instead of 32: a quarter
   of the scales of the matrix that is most of a decode step's bytes.
+- head-block-128-mse: the same, each block's scale chosen by least squared error (`mse_codes`) instead
+  of round-to-nearest.
 
 The bundle is what `gemma3-export --model 270m --target onnx --quant int4b32 --context 2048 --no-validate`
 writes, with the variant's change; its manifest says which variant it is (target_info.variant).
@@ -24,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def separate_gate_up() -> None:
-    """Stack only groups of three siblings (q/k/v): the MLP's pair (gate/up) stays apart."""
+    """Siblings in pairs (the MLP's gate/up) are hidden from the stacking; q/k/v are still stacked."""
     from gemma3_export.exporters import onnx as exporter
 
     stack = exporter._fuse_sibling_nbits
@@ -71,8 +73,8 @@ def mse_codes(w, block: int, steps: int = 20):
 
 def head_block_128(mse: bool = False) -> None:
     """The tied table (LM head and embedding) in int4 blocks of 128 (5 scales per row of 640) instead of
-    32; every other matrix as int4b32 has it. Both rounded as `nbits_codes` rounds (onnxruntime's
-    quantizer's rounding), packed by the exporter's own `_pack_nbits`."""
+    32; every other matrix as int4b32 has it. Rounded as `nbits_codes` rounds (onnxruntime's quantizer's
+    rounding; `mse`: the table by `mse_codes`), packed by the exporter's own `_pack_nbits`."""
     from gemma3_export.exporters import onnx as exporter
 
     original = exporter.quantize_nbits
