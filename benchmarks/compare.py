@@ -75,6 +75,7 @@ OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w"
              "onnx-int4b32-separate-gate-up": "bundles/kept/onnx-int4b32-separate-gate-up",
              "onnx-int4b32-head-block-128": "bundles/kept/onnx-int4b32-head-block-128",
              "onnx-int4b32-head-one-piece": "bundles/kept/onnx-int4b32-head-one-piece",  # the head not split by rows
+             "onnx-int4b32-head-two-pieces": "bundles/kept/onnx-int4b32-head-two-pieces",  # in two, not four
              # int4b32 with prefill chunks of 512 instead of 128: `gemma3-export --model 270m --target onnx
              # --quant int4b32 --context 2048 --chunk 512 --no-validate --out bundles/kept/onnx-int4b32-chunk512`
              "onnx-int4b32-chunk512": "bundles/kept/onnx-int4b32-chunk512"}

@@ -6,7 +6,7 @@ Variants (docs/benchmarks.md, 2026-12-07):
 - separate-gate-up: the MLP's gate and up MatMulNBits stay two nodes (the exporter stacks them into one
   node and a Split, as it stacks q/k/v); onnxruntime-genai's graph keeps them apart.
 - head-one-piece: the LM head as one node, as onnxruntime-genai's graph has it (the exporter splits it
-  by rows into pieces and a Concat).
+  by rows into four pieces and a Concat); head-two-pieces: in two.
 - head-block-128: the tied table (LM head and embedding) in int4 blocks of 128 instead of 32: a quarter
   of the scales of the matrix that is most of a decode step's bytes.
 - head-block-128-mse: the same, each block's scale chosen by least squared error (`mse_codes`) instead
@@ -99,16 +99,17 @@ def head_block_128(mse: bool = False) -> None:
     exporter.quantize_nbits = quantize
 
 
-def head_one_piece() -> None:
-    """The LM head as one MatMulNBits over all 262,144 rows (the exporter splits it into pieces of 65,536
-    and a Concat, so that loading never holds the whole stored table beside the packed one)."""
+def head_pieces(rows: int) -> None:
+    """The LM head split by rows into pieces of `rows` (the exporter's: 65,536, four on the 262,144-row
+    vocabulary, and a Concat, so that loading never holds the whole stored table beside the packed one)."""
     from gemma3_export.exporters import onnx as exporter
 
     save = exporter.save
-    exporter.save = lambda proto, folder, piece_rows=None: save(proto, folder, piece_rows=1 << 30)
+    exporter.save = lambda proto, folder, piece_rows=None: save(proto, folder, piece_rows=rows)
 
 
-VARIANTS = {"separate-gate-up": separate_gate_up, "head-one-piece": head_one_piece, "head-block-128": head_block_128,
+VARIANTS = {"separate-gate-up": separate_gate_up, "head-one-piece": lambda: head_pieces(1 << 30),
+            "head-two-pieces": lambda: head_pieces(1 << 17), "head-block-128": head_block_128,
             "head-block-128-mse": lambda: head_block_128(mse=True)}
 
 
