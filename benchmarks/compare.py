@@ -71,7 +71,7 @@ OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w"
              # onnxruntime-genai's form; tried 2026-11-28, not kept: no measurable speed, docs/benchmarks.md)
              "onnx-int4b32-skip-norm": "bundles/kept/onnx-int4b32-skip-norm",
              # made by benchmarks/onnx_variant.py (2026-12-07): gate and up as two MatMulNBits (the exporter stacks
-             # them), the tied table in blocks of 128 instead of 32, the head in one piece (docs/benchmarks.md)
+             # them), the tied table in blocks of 128 instead of 32, the head in one or two pieces (docs/benchmarks.md)
              "onnx-int4b32-separate-gate-up": "bundles/kept/onnx-int4b32-separate-gate-up",
              "onnx-int4b32-head-block-128": "bundles/kept/onnx-int4b32-head-block-128",
              "onnx-int4b32-head-one-piece": "bundles/kept/onnx-int4b32-head-one-piece",  # the head not split by rows
