@@ -158,7 +158,7 @@ def main() -> None:
         made = [open_decoder(p, args.threads, bool(args.spin)) for p in paths]
         pair = made if order == "a_made_first" else made[::-1]
         result[order] = measure_prefill(pair, prompt, args) if args.prefill else measure(pair, prompt, args)
-        del made
+        del made, pair  # the first order's sessions go before the second's are made
         gc.collect()
     result["ratio_b_over_a"] = math.sqrt(result["a_made_first"]["median_ratio_b_over_a"]
                                          * result["b_made_first"]["median_ratio_b_over_a"])
