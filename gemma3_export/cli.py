@@ -13,9 +13,9 @@ import sys
 from .config import PRESETS
 from .errors import UserError
 from .pipeline import TARGETS
-from .quant import SCHEMES
+from .quant import GPTQ_SCHEMES, SCHEMES
 
-COMMANDS = ("export", "generate", "chat", "validate", "perplexity", "memory", "qat")
+COMMANDS = ("export", "generate", "chat", "validate", "perplexity", "memory", "qat", "gptq")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", action="append", default=[])
     p.add_argument("--context", type=int, default=32768)
     _add_qat(sub)
+    p = sub.add_parser("gptq", help="round a model to int4 by GPTQ into a checkpoint the exporters store exactly")
+    _add_source(p)
+    p.add_argument("--scheme", choices=GPTQ_SCHEMES, required=True)
+    p.add_argument("--out", required=True, help="checkpoint folder (exporters read it with --checkpoint)")
+    p.add_argument("--data", nargs="+", metavar="FILE",
+                   help="calibration text: UTF-8 text or JSONL files (default: text sampled from the model)")
+    p.add_argument("--samples", type=int, default=16,
+                   help="calibration sequences of 96 tokens sampled from the model (default 16; with --data: "
+                        "the text's first 4x that many)")
+    p.add_argument("--act-order", action="store_true",
+                   help="round the columns with the largest inputs first (block scales fixed beforehand)")
     return parser
 
 
@@ -143,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
         from .qat import qat
 
         qat(**{k: v for k, v in kw.items() if v is not None}, log=_log)
+    elif args.command == "gptq":
+        from .gptq import gptq_checkpoint
+
+        gptq_checkpoint(**kw, log=_log)
     return 0
 
 

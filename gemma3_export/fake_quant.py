@@ -74,6 +74,7 @@ QAT_SCHEMES: dict[str, QATScheme] = {
     for s in [
         QATScheme("int4", "per-channel int4 weights (Core ML, ONNX)", "int4", None),
         QATScheme("int4b32", "int4 weights in blocks of 32 (Core ML, ONNX)", "int4", 32),
+        QATScheme("int4b128", "int4 weights in blocks of 128 (ONNX)", "int4", 128),
         QATScheme("8da4w", "int8 dynamic activations x int4 weights in blocks of 32 (ExecuTorch XNNPACK)", "int4", 32, True),
         QATScheme("fp8", "float8 e4m3 weights with per-channel scales (ONNX)", "float8_e4m3fn", None),
     ]

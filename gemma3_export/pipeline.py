@@ -48,7 +48,7 @@ TARGETS = tuple(EXPORTERS)
 # A QAT checkpoint's grid (fake_quant.QATScheme name) -> the export scheme that stores it exactly, per
 # target. Core ML is absent: coremltools computes its own scales (docs/qat.md).
 GRID_SCHEMES = {
-    "onnx": {"int4": "int4", "int4b32": "int4b32", "fp8": "fp8"},
+    "onnx": {"int4": "int4", "int4b32": "int4b32", "int4b128": "int4b128", "fp8": "fp8"},
     "executorch": {"8da4w": "8da4w"},
 }
 DEFAULT_CONTEXT = 2048
@@ -204,7 +204,7 @@ def export(
             raise UserError("--max-size mixes or rounds the weights again; a QAT checkpoint's grid is stored as it is, "
                             "so export it without --max-size.")
         spec = grid_spec(spec, target, quant, loaded.grid)
-        log(f"  the checkpoint's {loaded.grid.scheme.name} QAT grid is stored as it is ({spec.scheme.name})")
+        log(f"  the checkpoint's {loaded.grid.scheme.name} grid (QAT or GPTQ) is stored as it is ({spec.scheme.name})")
     elif spec.scheme.name == "gguf":
         spec = replace(spec, grid=gguf_grid(loaded))
     out = Path(out or f"bundles/gemma3-{model}-{target}-{spec.scheme.name}")  # the scheme a grid chose

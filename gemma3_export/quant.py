@@ -27,6 +27,8 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("int8", "per-channel int8 weights", 8),
         Scheme("int4", "per-channel int4 weights (the report's Int4)", 4),
         Scheme("int4b32", "int4 weights in blocks of 32 (the report's Int4 blocks=32)", 4, 32),
+        Scheme("int4b128", "int4 weights in blocks of 128 (a quarter of int4b32's scales: decodes faster; "
+                           "best rounded by `gemma3-export gptq`)", 4, 128),
         Scheme("int4b32-asym", "int4 weights in blocks of 32 with a zero point per block (the tied table symmetric)", 4, 32),
         Scheme("int8b32", "int8 weights in blocks of 32 (Q8_0's grid)", 8, 32),
         Scheme("8da4w", "int8 dynamic activations x int4 weights in blocks of 32 (XNNPACK)", 4, 32),
@@ -40,10 +42,13 @@ SCHEMES: dict[str, Scheme] = {
 # Which scheme each target lowers correctly on this stack. ExecuTorch refuses weight-only schemes:
 # they lower to XNNPACK with silently wrong numbers (STACK.md); its int8/int4 are the 8da forms.
 TARGET_SCHEMES: dict[str, tuple[str, ...]] = {
-    "onnx": ("fp32", "fp16", "int8", "int4", "int4b32", "int4b32-asym", "fp8", "gguf"),
+    "onnx": ("fp32", "fp16", "int8", "int4", "int4b32", "int4b128", "int4b32-asym", "fp8", "gguf"),
     "executorch": ("fp32", "8da4w", "8da4w-pc", "8da8w"),
     "coreml": ("fp16", "fp32", "int8", "int8b32", "int4", "int4b32", "int4b32-asym", "gguf"),
 }
+
+# What `gemma3-export gptq` rounds to: the int4 weight-only grids ONNX stores exactly (QAT's schemes of the same names).
+GPTQ_SCHEMES = ("int4", "int4b32", "int4b128")
 
 DEFAULT_SCHEME = {"onnx": "fp32", "executorch": "8da4w", "coreml": "fp16"}
 
@@ -52,6 +57,8 @@ _WHY_NOT = {
     ("executorch", "int4"): "weight-only linears lower to XNNPACK with wrong numbers; use 8da4w-pc",
     ("executorch", "int4b32"): "weight-only linears lower to XNNPACK with wrong numbers; use 8da4w",
     ("executorch", "int4b32-asym"): "XNNPACK lowers int4 blocks with zero points to wrong numbers (it keeps only the scales); use 8da4w",
+    ("executorch", "int4b128"): "weight-only linears lower to XNNPACK with wrong numbers; use 8da4w",
+    ("coreml", "int4b128"): "its blocks of 128 are measured on onnxruntime's MatMulNBits only so far; use int4b32",
     ("executorch", "fp8"): "fp8 weights do not lower to ExecuTorch",
     ("executorch", "fp16"): "this stack's XNNPACK path is measured in fp32 only",
     ("coreml", "fp8"): "Core ML has no fp8 weight type",

@@ -55,7 +55,8 @@ OPSET = 21
 ARTIFACT, EXTERNAL_DATA = "model.onnx", "model.onnx.data"  # the graph, and every weight over 1 KB (`save`)
 # the LM head's MatMulNBits is split into pieces of this many output rows (`split_heads`)
 HEAD_PIECE_ROWS = 1 << 16
-NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32), "int4b32-asym": (4, 32)}  # bits, block (None: per channel)
+NBITS = {"int8": (8, None), "int4": (4, None), "int4b32": (4, 32), "int4b32-asym": (4, 32),
+         "int4b128": (4, 128)}  # bits, block (None: per channel)
 # Layers with an integer zero point per block (the fast kernels' form); the tied table stays symmetric:
 # the embedding gathers the head's table, and GatherBlockQuantized takes zero points only as one byte per
 # block (MatMulNBits packs two), while an asymmetric table measured no better (docs/quantization.md).
@@ -354,7 +355,7 @@ def simulate(model: nn.Module, scheme: str, grid=None, accuracy_level: int = ACC
         for module in sim.modules():
             if isinstance(module, nn.Linear):
                 k = module.weight.shape[1]
-                module.register_forward_pre_hook(_int8_activations(32 if NBITS[scheme][1] else math.gcd(k, 128)))
+                module.register_forward_pre_hook(_int8_activations(NBITS[scheme][1] or math.gcd(k, 128)))
     return sim
 
 
@@ -374,6 +375,10 @@ def export(model: nn.Module, folder: Path, spec, log=print, accuracy_level: int 
         raise UserError(f"accuracy_level is one of {', '.join(map(str, ACCURACY_LEVELS))}, not {accuracy_level}.")
     if scheme == "gguf" or (scheme in MATMUL_NBITS and accuracy_level is None):
         accuracy_level = ACCURACY_LEVEL
+    if scheme == "int4b128":  # whole blocks only (every Gemma 3 size has them; int8 inputs are rounded per block)
+        from ..gptq import check_shapes
+
+        check_shapes(model, scheme)
     config = model.config
     start = time.perf_counter()
     proto = _torch_export(model, spec, scheme)
