@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder (exporters read it with --checkpoint)")
     p.add_argument("--data", nargs="+", metavar="FILE",
                    help="calibration text: UTF-8 text or JSONL files (default: text sampled from the model)")
-    p.add_argument("--samples", type=int, default=16,
-                   help="calibration sequences of 96 tokens sampled from the model (default 16; with --data: "
-                        "the text's first 4x that many)")
+    p.add_argument("--samples", type=int, default=64,
+                   help="calibration sequences of 96 tokens sampled from the model (default 64; with --data: "
+                        "the text's first 4x that many windows)")
     p.add_argument("--act-order", action="store_true",
                    help="round the columns with the largest inputs first (block scales fixed beforehand)")
     return parser
