@@ -45,6 +45,7 @@ CONTEXT, CHUNK = 2048, 128
 OURS = {"et-8da4w": ("executorch", "8da4w"), "et-fp32": ("executorch", "fp32"),
         "onnx-int4b32": ("onnx", "int4b32"), "onnx-fp32": ("onnx", "fp32"),
         "onnx-int4": ("onnx", "int4"),  # per-channel int4 (the report's Int4): one scale per row, fewer bytes
+        "onnx-int4b128": ("onnx", "int4b128"),  # blocks of 128, rounded to nearest (as many bytes as per channel)
         "onnx-gguf": ("onnx", "gguf"),  # the Q4_K_M file's own blocks (docs/gguf.md)
         "onnx-gguf-260mb": ("onnx", "gguf", "260MB"),  # with --max-size 260MB: least used table rows at int4
         "onnx-int4b32-asym": ("onnx", "int4b32-asym"),  # zero points per block (docs/quantization.md)
@@ -78,7 +79,15 @@ OURS_KEPT = {"et-8da4w-copying": "bundles/bench-et/gemma3-270m-executorch-8da4w"
              "onnx-int4b32-head-two-pieces": "bundles/kept/onnx-int4b32-head-two-pieces",  # in two, not four
              # int4b32 with prefill chunks of 512 instead of 128: `gemma3-export --model 270m --target onnx
              # --quant int4b32 --context 2048 --chunk 512 --no-validate --out bundles/kept/onnx-int4b32-chunk512`
-             "onnx-int4b32-chunk512": "bundles/kept/onnx-int4b32-chunk512"}
+             "onnx-int4b32-chunk512": "bundles/kept/onnx-int4b32-chunk512",
+             # every matrix rounded by GPTQ (gemma3_export/gptq.py, 2026-12-07), in blocks of 128 or 32:
+             # `gemma3-export gptq --model 270m --scheme int4b128 --out bundles/gptq/270m-int4b128`, then
+             # `gemma3-export --model 270m --checkpoint bundles/gptq/270m-int4b128 --target onnx --context 2048
+             # --no-validate --out bundles/kept/onnx-int4b128-gptq` (the same with int4b32)
+             "onnx-int4b128-gptq": "bundles/kept/onnx-int4b128-gptq",
+             "onnx-int4b32-gptq": "bundles/kept/onnx-int4b32-gptq",
+             # the same with 64 calibration sequences (--samples 64, the default since) instead of 16
+             "onnx-int4b128-gptq-s64": "bundles/kept/onnx-int4b128-gptq-s64"}
 SYSTEMS = (*OURS, *OURS_VARIANTS, *OURS_KEPT, *PEER_SYSTEMS)
 # where earlier benchmark runs left our bundles (reused when valid)
 REUSE = {"et-8da4w": "bundles/bench-et/gemma3-270m-executorch-8da4w", "et-fp32": "bundles/bench-et/gemma3-270m-executorch-fp32",

@@ -26,7 +26,16 @@ from executorch_bench import EXPORT, child  # noqa: E402
 PROMPT_TOKENS, DECODE = 4000, 64
 # name -> (target, quant, --max-size)
 OURS = {"onnx-gguf-260mb": ("onnx", "gguf", "260MB"), "onnx-int4b32": ("onnx", "int4b32", None),
-        "et-8da4w": ("executorch", "8da4w", None)}
+        "et-8da4w": ("executorch", "8da4w", None), "onnx-int4b128-gptq": ("onnx", "int4b128", None)}
+# exported from a checkpoint instead of the embedded weights: `gemma3-export gptq --model 270m --scheme
+# int4b128 --out bundles/gptq/270m-int4b128-s64` first (docs/quantization.md)
+CHECKPOINTS = {"onnx-int4b128-gptq": "bundles/gptq/270m-int4b128-s64"}
+EXPORT_CHECKPOINT = """
+import sys
+from gemma3_export import pipeline
+pipeline.export(model="270m", target="onnx", checkpoint=sys.argv[1], context=int(sys.argv[2]), chunk=128,
+                out=sys.argv[3], validate=False, log=lambda m: None)
+"""
 SYSTEMS = (*OURS, "llama.cpp-q4km")
 
 RUN = """
@@ -62,6 +71,12 @@ def bundle(name: str, context: int, log) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     log(f"[{name}] exporting for context {context} to {out}")
+    if name in CHECKPOINTS:
+        import subprocess
+
+        subprocess.run([sys.executable, "-c", EXPORT_CHECKPOINT, str(ROOT / CHECKPOINTS[name]), str(context), str(out)],
+                       check=True, cwd=ROOT)
+        return out
     child(EXPORT, "270m", quant, str(context), "128", str(out), "0", target, *([max_size] if max_size else []))
     return out
 
