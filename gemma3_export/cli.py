@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder (exporters read it with --checkpoint)")
     p.add_argument("--data", nargs="+", metavar="FILE",
                    help="calibration text: UTF-8 text or JSONL files (default: text sampled from the model)")
-    p.add_argument("--samples", type=int, default=64,
+    p.add_argument("--samples", type=int,
                    help="calibration sequences of 96 tokens sampled from the model (default 64; with --data: "
                         "the text's first 4x that many windows)")
     p.add_argument("--act-order", action="store_true",
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "gptq":
         from .gptq import gptq_checkpoint
 
-        gptq_checkpoint(**kw, log=_log)
+        gptq_checkpoint(**{k: v for k, v in kw.items() if v is not None}, log=_log)
     return 0
 
 

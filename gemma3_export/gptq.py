@@ -227,7 +227,7 @@ def gptq_checkpoint(model: str, scheme: str, out: str | Path, checkpoint: str | 
     if data:
         read_texts(data)  # bad data stops us before the model loads
     out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()) and not (out / "gptq.json").exists():
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "gptq.json").exists())):
         raise UserError(f"{out} exists and is not a GPTQ checkpoint; choose another --out.")
     loaded = load_model(model, checkpoint=checkpoint, random_weights=random_weights, log=log)
     if loaded.grid is not None:

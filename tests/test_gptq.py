@@ -169,5 +169,12 @@ def test_bad_input_is_one_sentence(teacher, checkpoint, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
-    assert main(["gptq", "--model", "tiny", "--checkpoint", str(teacher[1]), "--scheme", "int4b128", "--out", str(taken)]) == 2
-    assert "not a GPTQ checkpoint" in capsys.readouterr().err and (taken / "notes.txt").exists()
+    for out in (taken, taken / "notes.txt"):  # a folder of something else, a file
+        assert main(["gptq", "--model", "tiny", "--checkpoint", str(teacher[1]), "--scheme", "int4b128", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "not a GPTQ checkpoint" in err and "Traceback" not in err and (taken / "notes.txt").read_text() == "mine"
+    ok = tmp_path / "ok"  # and the command itself, with its options
+    assert main(["gptq", "--model", "tiny", "--checkpoint", str(teacher[1]), "--scheme", "int4b32", "--data", TEXT,
+                 "--samples", "2", "--act-order", "--out", str(ok)]) == 0
+    summary = json.loads((ok / "gptq.json").read_text())
+    assert summary["act_order"] and summary["calibration"].startswith("768 tokens") and fake_quant.read_grid(ok).scheme.name == "int4b32"
