@@ -591,5 +591,5 @@ def test_accuracy_level_is_refused_for_float_schemes(small, tmp_path):
     from gemma3_export.errors import UserError
 
     model, _, _ = small
-    with pytest.raises(UserError, match="accuracy_level applies to int8, int4, int4b32, int4b32-asym, gguf, not fp32"):
+    with pytest.raises(UserError, match="accuracy_level applies to int8, int4, int4b32, int4b32-asym, int4b128, gguf, not fp32"):
         onnx_export.export(model, tmp_path, make_spec("tiny", "onnx", "fp32", CONTEXT, CHUNK), accuracy_level=4)
