@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from gemma3_export import gptq  # noqa: E402
 from gemma3_export.exporters import onnx as ox  # noqa: E402
+from gemma3_export.fake_quant import dequantize_int4  # noqa: E402
 
 
 def score(model, ids, ref) -> dict:
@@ -52,11 +53,6 @@ def with_table(sim, head: torch.Tensor, block: int, embedding: torch.Tensor | No
     model.lm_head._forward_pre_hooks.clear()
     model.lm_head.register_forward_pre_hook(ox._int8_activations(block))
     return model
-
-
-def dequantized(codes, scales):
-    block = codes.shape[1] // scales.shape[1]
-    return (codes.float().view(len(codes), -1, block) * scales[..., None]).view(codes.shape)
 
 
 def main() -> None:
@@ -101,7 +97,7 @@ def main() -> None:
     x = torch.cat(seen)
     table = float_model.model.embed_tokens.weight.detach()
     for block in (128, 32):
-        head = dequantized(*gptq.gptq(table, x.T @ x / len(x), block))
+        head = dequantize_int4(*gptq.gptq(table, x.T @ x / len(x), block))
         row(f"int4b32 layers; table in blocks of {block} by GPTQ (tied: the embedding too)", with_table(sim, head, block),
             scheme="int4b32")
         if block == 128:

@@ -75,14 +75,25 @@ def cache_layout(config: Gemma3Config, max_context: int, dtype: str, window_rows
     return layers
 
 
+def check_out(out: Path, marker: str = MANIFEST, what: str = "a bundle") -> Path:
+    """`out` resolved; one sentence when it is a file, or a non-empty folder without `marker` (something
+    else's, never replaced)."""
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or (not (out / marker).exists() and any(out.iterdir()))):
+        raise UserError(f"{out} exists and is not {what}; choose another --out.")
+    return out
+
+
 @contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it vanishes."""
-    out = out.resolve()
+def staged(out: Path, marker: str = MANIFEST, what: str = "a bundle") -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it vanishes.
+    `out` may be replaced only if it is empty or holds `marker` (`check_out`)."""
+    out = check_out(out, marker, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not a bundle; choose another --out.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the result is an ordinary folder
     try:
         yield tmp
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

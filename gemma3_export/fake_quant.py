@@ -247,10 +247,7 @@ class QuantGrid:
         codes, scale = self.codes[name], self.scales[name]
         if self.scheme.dtype != "int4":
             return fp8_dequantize(codes, scale)
-        block = codes.shape[-1] // scale.shape[-1]
-        zp = self.zero_points[name].float()
-        q = codes.float().view(codes.shape[0], -1, block)  # [N, K / block, block]
-        return ((q - zp[..., None]) * scale[..., None]).view(codes.shape)
+        return dequantize_int4(codes, scale, self.zero_points[name])
 
     def torchao_tensor(self, name: str, activations: bool = True, scale_dtype=None) -> Tensor:
         """The weight as the tensor `convert` makes (IntxUnpackedToInt8Tensor / Float8Tensor);
@@ -265,6 +262,15 @@ class QuantGrid:
         block = (1, codes.shape[-1] // scale.shape[-1])
         scale = scale if scale_dtype is None else scale.to(scale_dtype)
         return IntxUnpackedToInt8Tensor(codes, scale, self.zero_points[name], torch.int4, block, torch.float32, act)
+
+
+def dequantize_int4(codes: Tensor, scale: Tensor, zero_point: Tensor | None = None) -> Tensor:
+    """w [N, K] from int codes [N, K] and scales (zero points) [N, K / block]."""
+    block = codes.shape[-1] // scale.shape[-1]
+    q = codes.float().view(codes.shape[0], -1, block)  # [N, K / block, block]
+    if zero_point is not None:
+        q = q - zero_point.float()[..., None]
+    return (q * scale[..., None]).view(codes.shape)
 
 
 def grid(model: nn.Module, scheme: QATScheme | str) -> QuantGrid:

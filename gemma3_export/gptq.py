@@ -16,16 +16,16 @@ export and this rounding differ only in the codes.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .bundle import check_out, staged
 from .errors import UserError
+from .exporters.onnx import nbits_codes, nbits_scale
+from .fake_quant import QuantGrid, dequantize_int4, qat_scheme, write_grid
 from .quant import GPTQ_SCHEMES
 
 # Calibration: sequences of tokens, the user's text (--data) or sampled from the float model (seed 0).
@@ -37,13 +37,7 @@ DAMP = 0.01  # of the Hessian's mean diagonal, added to it (GPTQ's default)
 GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 TABLE = "model.embed_tokens.weight"
-
-
-def block_scale(w: Tensor, bits: int = 4) -> Tensor:
-    """Scales [N, 1] of w [N, block] by MatMulNBits' rule: the block's max if |max| > |min|, else its min,
-    over -2^(bits-1) (so the extreme weight is exactly a code)."""
-    hi, lo = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
-    return torch.where(hi.abs() > lo.abs(), hi, lo) / -(2 ** (bits - 1))
+GPTQ_JSON = "gptq.json"  # the checkpoint's GPTQ summary (and what marks a folder as one)
 
 
 def gptq(w: Tensor, hessian: Tensor, block: int, damp: float = DAMP, act_order: bool = False,
@@ -71,12 +65,12 @@ def gptq(w: Tensor, hessian: Tensor, block: int, damp: float = DAMP, act_order: 
         w0 = w[r0 : r0 + rows].float().clone()
         w0[:, dead] = 0
         if act_order:
-            scales[r0 : r0 + rows] = block_scale(w0.reshape(-1, block)).view(len(w0), -1)
+            scales[r0 : r0 + rows] = nbits_scale(w0.reshape(-1, block), 4).view(len(w0), -1)
         wr = w0[:, perm]
         for b0 in range(0, k, block):  # GPTQ's lazy batches: `block` columns, then one update of the rest
             b1 = b0 + block
             if not act_order:
-                scales[r0 : r0 + rows, b0 // block] = block_scale(wr[:, b0:b1])[:, 0]
+                scales[r0 : r0 + rows, b0 // block] = nbits_scale(wr[:, b0:b1], 4)[:, 0]
             err = torch.empty(wr.shape[0], block)
             for j in range(b0, b1):
                 scale = scales[r0 : r0 + rows, group[j] : group[j] + 1]
@@ -93,15 +87,11 @@ def gptq(w: Tensor, hessian: Tensor, block: int, damp: float = DAMP, act_order: 
 def round_to_nearest(w: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """The same grid without GPTQ (the table), exactly as onnxruntime's quantizer rounds:
     codes [N, K] int8, scales [N, K / block]."""
-    from .exporters.onnx import nbits_codes
-
     codes, scales = nbits_codes(w, 4, block)
     return codes.flatten(1).to(torch.int8), scales[..., 0]
 
 
 def block_of(scheme: str, k: int) -> int:
-    from .fake_quant import qat_scheme
-
     return qat_scheme(scheme).block_size or k
 
 
@@ -134,12 +124,10 @@ def _capture(module: nn.Module, run) -> tuple:
 
 
 def quantize(model: nn.Module, tokens: Tensor, scheme: str, act_order: bool = False,
-             log=print) -> "QuantGrid":  # noqa: F821
+             log=print) -> QuantGrid:
     """Round `model`'s weights by GPTQ on `tokens` [S, T] (in place: each matrix becomes its dequantized
     grid, as a QAT checkpoint holds it) and return the grid. Layer by layer: each layer's inputs are the
     previous (rounded) layer's outputs, kept per batch of 4 sequences."""
-    from .fake_quant import QuantGrid, qat_scheme
-
     check_shapes(model, scheme)
     grid = QuantGrid(qat_scheme(scheme), {}, {}, {})
     layers = model.model.layers
@@ -185,11 +173,10 @@ def quantize(model: nn.Module, tokens: Tensor, scheme: str, act_order: bool = Fa
 
 
 def _store(grid, name: str, param: Tensor, codes: Tensor, scales: Tensor) -> None:
-    block = codes.shape[1] // scales.shape[1]
     grid.codes[name], grid.scales[name] = codes, scales
     grid.zero_points[name] = torch.zeros_like(scales, dtype=torch.int8)
     with torch.no_grad():
-        param.copy_((codes.float().view(len(codes), -1, block) * scales[..., None]).view(codes.shape))
+        param.copy_(dequantize_int4(codes, scales))
 
 
 def calibration_tokens(loaded, data: list[str] | None, cache_dir: Path, log=print,
@@ -215,7 +202,6 @@ def gptq_checkpoint(model: str, scheme: str, out: str | Path, checkpoint: str | 
     """`gemma3-export gptq`: a checkpoint folder holding the model rounded by GPTQ to `scheme`, in the
     QAT checkpoint's format (exporters read it with --checkpoint and store its grid exactly). Calibration:
     `data` (at most 4 x `samples` windows of SEQ_LEN tokens) or `samples` sequences sampled from the model."""
-    from .fake_quant import write_grid
     from .load import load_model
     from .qat_data import read_texts
     from .weights import save_hf_folder
@@ -226,9 +212,7 @@ def gptq_checkpoint(model: str, scheme: str, out: str | Path, checkpoint: str | 
         raise UserError(f"--samples is a number of calibration sequences, at least 1 (got {samples}).")
     if data:
         read_texts(data)  # bad data stops us before the model loads
-    out = Path(out).resolve()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "gptq.json").exists())):
-        raise UserError(f"{out} exists and is not a GPTQ checkpoint; choose another --out.")
+    out = check_out(Path(out), GPTQ_JSON, "a GPTQ checkpoint")  # before minutes of work, not after
     loaded = load_model(model, checkpoint=checkpoint, random_weights=random_weights, log=log)
     if loaded.grid is not None:
         raise UserError("This checkpoint already holds a quantization grid (QAT or GPTQ); give its float model.")
@@ -238,12 +222,7 @@ def gptq_checkpoint(model: str, scheme: str, out: str | Path, checkpoint: str | 
     start = time.perf_counter()
     grid = quantize(loaded.model, tokens, scheme, act_order=act_order, log=log)
     seconds = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # (mkdtemp's folder is private)
-    try:
+    with staged(out, GPTQ_JSON, "a GPTQ checkpoint") as tmp:
         save_hf_folder(loaded.model, tmp)
         config = loaded.model.config
         (tmp / "config.json").write_text(json.dumps({**config.to_hf(), "embed_scale_dtype": config.embed_scale_dtype}, indent=2))
@@ -252,14 +231,9 @@ def gptq_checkpoint(model: str, scheme: str, out: str | Path, checkpoint: str | 
                    "seconds": round(seconds, 1),
                    "source": {"model": model, "checkpoint": checkpoint, "random_weights": random_weights},
                    "table": "round to nearest (it is also the embedding)"}
-        (tmp / "gptq.json").write_text(json.dumps(summary, indent=2))
+        (tmp / GPTQ_JSON).write_text(json.dumps(summary, indent=2))
         write_grid(grid, tmp, extra={"weights_file": "model.safetensors holds exactly these values, dequantized",
-                                     "rounding": "GPTQ (gptq.json)"})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                                     "rounding": f"GPTQ ({GPTQ_JSON})"})
     log(f"wrote {out} ({seconds:.0f} s of GPTQ); export it with --checkpoint {out}")
     return out
 

@@ -13,6 +13,7 @@ import torch
 from gemma3_export import fake_quant, pipeline
 from gemma3_export.cli import main
 from gemma3_export.exporters import onnx as ox
+from gemma3_export.fake_quant import dequantize_int4
 from gemma3_export.gptq import gptq, gptq_checkpoint, round_to_nearest
 from gemma3_export.validate import validate_bundle
 from gemma3_export.weights import save_hf_folder
@@ -25,11 +26,6 @@ TEXT = "gemma3_export/data/validation.txt"
 QUIET = dict(log=lambda *_: None)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _dequantize(codes, scales):
-    block = codes.shape[1] // scales.shape[1]
-    return (codes.float().view(len(codes), -1, block) * scales[..., None]).view(codes.shape)
 
 
 def _inputs(n: int, k: int, seed: int) -> torch.Tensor:
@@ -53,8 +49,8 @@ def test_gptq_keeps_outputs_closer_than_rounding_to_nearest(block, act_order):
     assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
     assert scales.shape == (96, 256 // block)
     held_out = _inputs(1024, 256, seed=3)  # the same distribution, other samples
-    err_gptq = (held_out @ (w - _dequantize(codes, scales)).T).pow(2).mean()
-    err_rtn = (held_out @ (w - _dequantize(*round_to_nearest(w, block))).T).pow(2).mean()
+    err_gptq = (held_out @ (w - dequantize_int4(codes, scales)).T).pow(2).mean()
+    err_rtn = (held_out @ (w - dequantize_int4(*round_to_nearest(w, block))).T).pow(2).mean()
     assert err_gptq < 0.85 * err_rtn, (float(err_gptq), float(err_rtn))
 
 
@@ -173,6 +169,8 @@ def test_bad_input_is_one_sentence(teacher, checkpoint, tmp_path, capsys):
         assert main(["gptq", "--model", "tiny", "--checkpoint", str(teacher[1]), "--scheme", "int4b128", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert "not a GPTQ checkpoint" in err and "Traceback" not in err and (taken / "notes.txt").read_text() == "mine"
+    assert main(["--model", "tiny", "--random-weights", "--target", "onnx", "--out", str(taken / "notes.txt")]) == 2
+    assert "is not a bundle" in capsys.readouterr().err  # an export's --out that is a file, likewise
     ok = tmp_path / "ok"  # and the command itself, with its options
     assert main(["gptq", "--model", "tiny", "--checkpoint", str(teacher[1]), "--scheme", "int4b32", "--data", TEXT,
                  "--samples", "2", "--act-order", "--out", str(ok)]) == 0

@@ -221,6 +221,13 @@ def block_for(scheme: str, k: int) -> int:
     return NBITS[scheme][1] or k
 
 
+def nbits_scale(blocks: Tensor, bits: int) -> Tensor:
+    """MatMulNBits' symmetric scale of each block [..., block] -> [..., 1]: the block's max if |max| > |min|,
+    else its min, over -2^(bits-1) (so the extreme weight is exactly a code)."""
+    hi, lo = blocks.amax(-1, keepdim=True), blocks.amin(-1, keepdim=True)
+    return torch.where(hi.abs() > lo.abs(), hi, lo) / -(2 ** (bits - 1))
+
+
 def nbits_codes(w: Tensor, bits: int, block: int) -> tuple[Tensor, Tensor]:
     """Symmetric round-to-nearest of w [N, K] in blocks along K, exactly as onnxruntime's MatMulNBits
     quantizer (MLAS `range2scale` + `roundf(x * (1 / scale) + zero_point)`) rounds: the scale is the
@@ -230,9 +237,8 @@ def nbits_codes(w: Tensor, bits: int, block: int) -> tuple[Tensor, Tensor]:
     n, k = w.shape
     nb = -(-k // block)
     wb = F.pad(w.float(), (0, nb * block - k)).view(n, nb, block)
-    hi, lo = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
     zero = 2 ** (bits - 1)
-    scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -zero  # [N, nb, 1]
+    scale = nbits_scale(wb, bits)  # [N, nb, 1]
     t = wb * torch.where(scale == 0, 0, 1.0 / scale) + zero  # fp32, in [0, 2^bits] up to rounding
     t_floor = torch.floor(t)
     q = (t_floor + (t - t_floor >= 0.5)).clamp(0, 2 * zero - 1)  # roundf: half away from 0 (t >= 0)
